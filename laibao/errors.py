@@ -1,0 +1,99 @@
+"""The one exception tree of laibao.
+
+    LaibaoError
+    ├── ConfigError            settings missing or malformed (one line per problem)
+    ├── CryptoError            WeCom signature / AES / framing failure, with the official -400xx code
+    ├── CallbackError          a decrypted callback that is not a usable WeCom message
+    ├── DifyError              anything that went wrong talking to Dify
+    │   ├── DifyHTTPError      Dify answered 4xx/5xx (status, Dify code, message)
+    │   ├── DifyConnectionError  Dify could not be reached
+    │   ├── DifyTimeoutError   connect timeout, idle watchdog or total ceiling
+    │   └── DifyStreamError    malformed SSE, an `error` event, or EOF without a terminal event
+    ├── StoreError             Redis / MySQL unavailable or misbehaving
+    └── AuthError              the user could not be authenticated
+
+Third-party exceptions are mapped onto this tree at the boundary with ``raise ... from exc``.
+Messages are for operators and never contain secrets.
+"""
+
+from __future__ import annotations
+
+
+class LaibaoError(Exception):
+    """Root of every error laibao raises on purpose."""
+
+
+class ConfigError(LaibaoError):
+    """The configuration cannot be used; ``problems`` holds one line per problem."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = list(problems)
+        super().__init__("; ".join(self.problems))
+
+
+class CryptoError(LaibaoError):
+    """A WeCom crypto failure carrying the official error code (-40001 ... -40011)."""
+
+    SIGNATURE_INVALID = -40001
+    PARSE_JSON = -40002
+    COMPUTE_SIGNATURE = -40003
+    ILLEGAL_AES_KEY = -40004
+    RECEIVEID_MISMATCH = -40005
+    ENCRYPT = -40006
+    DECRYPT = -40007
+    ILLEGAL_BUFFER = -40008
+    BASE64_ENCODE = -40009
+    BASE64_DECODE = -40010
+    GENERATE_REPLY = -40011
+
+    def __init__(self, code: int, message: str) -> None:
+        self.code = code
+        super().__init__(f"{code} {message}")
+
+
+class CallbackError(LaibaoError):
+    """A correctly encrypted callback whose content is not a usable WeCom message."""
+
+
+class DifyError(LaibaoError):
+    """Something went wrong talking to Dify."""
+
+
+class DifyHTTPError(DifyError):
+    """Dify answered with an HTTP error status."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        self.status = status
+        self.code = code
+        self.message = message
+        super().__init__(f"Dify HTTP {status} {code}: {message}")
+
+
+class DifyConnectionError(DifyError):
+    """Dify could not be reached (DNS, refused, reset before an answer)."""
+
+
+class DifyTimeoutError(DifyError):
+    """Dify took too long: connect timeout, idle watchdog or total ceiling."""
+
+    def __init__(self, kind: str, seconds: float) -> None:
+        self.kind = kind
+        self.seconds = seconds
+        super().__init__(f"Dify {kind} timeout after {seconds:g} s")
+
+
+class DifyStreamError(DifyError):
+    """The SSE stream was malformed, carried an ``error`` event, or ended without a terminal event."""
+
+    def __init__(self, message: str, code: str = "", status: int = 0) -> None:
+        self.code = code
+        self.status = status
+        super().__init__(message)
+
+
+class StoreError(LaibaoError):
+    """A store (Redis, MySQL) is unavailable or answered something unusable."""
+
+
+class AuthError(LaibaoError):
+    """The user could not be authenticated."""
