@@ -1,0 +1,45 @@
+"""Persistence behind small Protocols: Redis for several processes, memory for one."""
+
+from __future__ import annotations
+
+from stores.base import (
+    DIFY_FIELDS,
+    DONE,
+    ERROR,
+    QUEUED,
+    STREAMING,
+    TERMINAL,
+    ConversationStore,
+    DedupeStore,
+    Snapshot,
+    Stores,
+    StreamSession,
+    StreamStore,
+)
+from stores.memory_store import MemoryStores
+from stores.redis_store import RedisStores
+
+__all__ = [
+    "DIFY_FIELDS",
+    "DONE",
+    "ERROR",
+    "QUEUED",
+    "STREAMING",
+    "TERMINAL",
+    "ConversationStore",
+    "DedupeStore",
+    "MemoryStores",
+    "RedisStores",
+    "Snapshot",
+    "Stores",
+    "StreamSession",
+    "StreamStore",
+    "open_stores",
+]
+
+
+def open_stores(redis_url: str | None) -> Stores:
+    """Redis stores for ``redis_url``, or in-process stores when it is None or empty."""
+    if not redis_url:
+        return MemoryStores()
+    return RedisStores(redis_url)

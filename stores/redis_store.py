@@ -1,0 +1,470 @@
+"""The Redis stores shared by every laibao process.
+
+Keys (``laibao`` is the prefix):
+
+    laibao:stream:{sid}          hash    the session fields, ``n``, chunks ``c:{i}``, read flags ``r:{i}``,
+                                         ``fin`` (final content delivered), ``ttl``, extras ``x:{name}``
+    laibao:msgid:{bot}:{msgid}   string  the stream id of a WeCom message (set if absent)
+    laibao:conv:{bot}:{scope}    string  the Dify conversation id of a scope
+
+Every read-modify-write is one Lua script (atomic, one round trip). Redis errors leave this module
+as ``StoreError``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialWithJitterBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+from redis.typing import EncodableT, FieldT
+
+from laibao.errors import StoreError
+from stores.base import DIFY_FIELDS, DONE, ERROR, TERMINAL, Snapshot, StreamSession
+
+# ---------------------------------------------------------------------------------------------------
+# Lua scripts. Times travel as Python float reprs and are stored verbatim, so both implementations
+# compare exactly the same doubles. ``ttl`` (seconds) is kept in the hash so that every write can
+# re-arm the key's expiry without the caller repeating it.
+
+# Shared start of the owner-guarded writes (append, replace, finish, heartbeat, release).
+# KEYS[1] stream key; ARGV[1] the caller's node id.
+# Returns 0 early unless the session exists, is running and is owned by ARGV[1] (an empty owner owns
+# nothing); otherwise leaves h = {status, owner, n, ttl} and refresh() for the body.
+_OWNED_PRELUDE = """
+local h = redis.call('HMGET', KEYS[1], 'status', 'owner', 'n', 'ttl')
+if not h[1] or h[1] == 'done' or h[1] == 'error' or ARGV[1] == '' or h[2] ~= ARGV[1] then
+  return 0
+end
+local function refresh()
+  local ttl = tonumber(h[4])
+  if ttl and ttl > 0 then redis.call('PEXPIRE', KEYS[1], math.max(1, math.floor(ttl * 1000 + 0.5))) end
+end
+"""
+
+APPEND_LUA = (
+    """
+-- KEYS[1] stream key
+-- ARGV[1] owner, ARGV[2] chunk text, ARGV[3] now
+-- returns 1 if the chunk was added, 0 if missing / not owned / terminal
+"""
+    + _OWNED_PRELUDE
+    + """
+local n = tonumber(h[3]) or 0
+redis.call('HSET', KEYS[1], 'c:' .. n, ARGV[2], 'r:' .. n, '0', 'n', n + 1,
+           'status', 'streaming', 'heartbeat', ARGV[3])
+refresh()
+return 1
+"""
+)
+
+REPLACE_LUA = (
+    """
+-- KEYS[1] stream key
+-- ARGV[1] owner, ARGV[2] the whole new content, ARGV[3] now
+-- returns 1 if the content was replaced, 0 if missing / not owned / terminal
+"""
+    + _OWNED_PRELUDE
+    + """
+local n = tonumber(h[3]) or 0
+local names = {}
+-- chunk 0 is overwritten below; HDEL the rest in batches to stay under Lua's unpack() limit
+for i = 1, n - 1 do
+  names[#names + 1] = 'c:' .. i
+  names[#names + 1] = 'r:' .. i
+  if #names >= 1000 then
+    redis.call('HDEL', KEYS[1], unpack(names))
+    names = {}
+  end
+end
+if #names > 0 then redis.call('HDEL', KEYS[1], unpack(names)) end
+redis.call('HSET', KEYS[1], 'c:0', ARGV[2], 'r:0', '0', 'n', 1, 'status', 'streaming', 'heartbeat', ARGV[3])
+refresh()
+return 1
+"""
+)
+
+FINISH_LUA = (
+    """
+-- KEYS[1] stream key
+-- ARGV[1] owner, ARGV[2] final status, ARGV[3] last chunk ('' for none), ARGV[4] now,
+-- ARGV[5..] field name / value pairs to set
+-- returns 1 if the session was finished, 0 if missing / not owned / terminal
+"""
+    + _OWNED_PRELUDE
+    + """
+local set = {'status', ARGV[2], 'heartbeat', ARGV[4]}
+if ARGV[3] ~= '' then
+  local n = tonumber(h[3]) or 0
+  set[#set + 1] = 'c:' .. n
+  set[#set + 1] = ARGV[3]
+  set[#set + 1] = 'r:' .. n
+  set[#set + 1] = '0'
+  set[#set + 1] = 'n'
+  set[#set + 1] = n + 1
+end
+for i = 5, #ARGV - 1, 2 do
+  set[#set + 1] = ARGV[i]
+  set[#set + 1] = ARGV[i + 1]
+end
+redis.call('HSET', KEYS[1], unpack(set))
+refresh()
+return 1
+"""
+)
+
+HEARTBEAT_LUA = (
+    """
+-- KEYS[1] stream key
+-- ARGV[1] owner, ARGV[2] now
+-- returns 1 if the heartbeat was recorded, 0 if missing / not owned / terminal
+"""
+    + _OWNED_PRELUDE
+    + """
+redis.call('HSET', KEYS[1], 'heartbeat', ARGV[2])
+refresh()
+return 1
+"""
+)
+
+RELEASE_LUA = (
+    """
+-- KEYS[1] stream key
+-- ARGV[1] owner
+-- returns 1 if the session is now unowned (owner '', heartbeat 0), 0 if missing / not owned / terminal
+"""
+    + _OWNED_PRELUDE
+    + """
+redis.call('HSET', KEYS[1], 'owner', '', 'heartbeat', '0')
+refresh()
+return 1
+"""
+)
+
+TAKE_OVER_LUA = """
+-- KEYS[1] stream key
+-- ARGV[1] new owner, ARGV[2] now, ARGV[3] lease (seconds)
+-- returns 1 if ARGV[1] now owns the session (it was running and unowned or its heartbeat older than
+-- the lease), else 0; the script runs alone, so of several racers exactly one wins
+local h = redis.call('HMGET', KEYS[1], 'status', 'owner', 'heartbeat', 'ttl')
+if not h[1] or h[1] == 'done' or h[1] == 'error' then return 0 end
+local owner = h[2] or ''
+if owner ~= '' and not (tonumber(ARGV[2]) - (tonumber(h[3]) or 0) > tonumber(ARGV[3])) then return 0 end
+redis.call('HSET', KEYS[1], 'owner', ARGV[1], 'heartbeat', ARGV[2], 'status', 'queued')
+local ttl = tonumber(h[4])
+if ttl and ttl > 0 then redis.call('PEXPIRE', KEYS[1], math.max(1, math.floor(ttl * 1000 + 0.5))) end
+return 1
+"""
+
+POLL_LUA = """
+-- KEYS[1] stream key
+-- ARGV none
+-- returns nil if the session is missing, else
+--   {status, content, n, unread, owner, heartbeat, deadline, final_delivered (0/1)}
+-- and marks every chunk read; a terminal status also marks the final content delivered ('fin')
+local h = redis.call('HMGET', KEYS[1], 'status', 'n', 'owner', 'heartbeat', 'deadline', 'fin')
+if not h[1] then return false end
+local n = tonumber(h[2]) or 0
+local parts = {}
+local unread = {}
+local i = 0
+-- HMGET / HSET in batches so a long answer never exceeds Lua's unpack() limit
+while i < n do
+  local j = math.min(i + 1000, n)
+  local names = {}
+  for k = i, j - 1 do
+    names[#names + 1] = 'c:' .. k
+    names[#names + 1] = 'r:' .. k
+  end
+  local vals = redis.call('HMGET', KEYS[1], unpack(names))
+  for k = 1, #names, 2 do
+    parts[#parts + 1] = vals[k] or ''
+    if vals[k + 1] ~= '1' then
+      unread[#unread + 1] = names[k + 1]
+      unread[#unread + 1] = '1'
+    end
+  end
+  i = j
+end
+local count = #unread / 2
+for k = 1, #unread, 2000 do
+  redis.call('HSET', KEYS[1], unpack(unread, k, math.min(k + 1999, #unread)))
+end
+local fin = 0
+if h[6] == '1' then fin = 1 end
+if (h[1] == 'done' or h[1] == 'error') and fin == 0 then redis.call('HSET', KEYS[1], 'fin', '1') end
+return {h[1], table.concat(parts), n, count, h[3] or '', h[4] or '0', h[5] or '0', fin}
+"""
+
+GET_LUA = """
+-- KEYS[1] stream key
+-- ARGV none
+-- returns the flat name/value list of every field except the chunks and read flags ({} if missing),
+-- so reading a session's metadata never ships its whole answer
+local names = {}
+for _, f in ipairs(redis.call('HKEYS', KEYS[1])) do
+  local p = string.sub(f, 1, 2)
+  if p ~= 'c:' and p ~= 'r:' then names[#names + 1] = f end
+end
+if #names == 0 then return {} end
+local vals = redis.call('HMGET', KEYS[1], unpack(names))
+local out = {}
+for k = 1, #names do
+  out[#out + 1] = names[k]
+  out[#out + 1] = vals[k]
+end
+return out
+"""
+
+CLAIM_LUA = """
+-- KEYS[1] msgid key
+-- ARGV[1] stream id, ARGV[2] ttl in milliseconds
+-- returns the stream id stored now: ARGV[1] if this call stored it, else the earlier one
+-- (a script rather than SET NX GET, which needs Redis 7)
+local cur = redis.call('GET', KEYS[1])
+if cur then return cur end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return ARGV[1]
+"""
+
+# The session fields stored under their own names (sid is in the key, extras under "x:").
+_TEXT_FIELDS = ("bot", "user", "chat", "query", "scope", "response_url", "owner", "status",
+                "conversation_id", "message_id", "task_id")
+_FLOAT_FIELDS = ("created", "deadline", "heartbeat")
+
+
+@contextmanager
+def _mapped(operation: str) -> Iterator[None]:
+    """Turn Redis (and socket) failures into StoreError; the message names the operation only."""
+    try:
+        yield
+    except (RedisError, OSError) as exc:
+        # Redis error texts name the server and the failure, never the values sent
+        raise StoreError(f"redis {operation} failed: {type(exc).__name__}: {str(exc)[:200]}") from exc
+
+
+def _ms(ttl: float) -> int:
+    """A positive TTL in whole milliseconds, as PX / PEXPIRE want it."""
+    if not ttl > 0:
+        raise ValueError(f"ttl must be positive, not {ttl!r}")
+    return max(1, math.floor(ttl * 1000 + 0.5))
+
+
+def _float(value: str | None) -> float:
+    return float(value) if value else 0.0
+
+
+class RedisStreamStore:
+    """Stream sessions as one Redis hash each."""
+
+    def __init__(self, client: aioredis.Redis, prefix: str) -> None:
+        self._client = client
+        self._prefix = prefix
+        self._append = client.register_script(APPEND_LUA)
+        self._replace = client.register_script(REPLACE_LUA)
+        self._finish = client.register_script(FINISH_LUA)
+        self._heartbeat = client.register_script(HEARTBEAT_LUA)
+        self._release = client.register_script(RELEASE_LUA)
+        self._take_over = client.register_script(TAKE_OVER_LUA)
+        self._poll = client.register_script(POLL_LUA)
+        self._get = client.register_script(GET_LUA)
+
+    def key(self, sid: str) -> str:
+        """The hash key of a session."""
+        return f"{self._prefix}:stream:{sid}"
+
+    async def create(self, session: StreamSession, ttl: float) -> None:
+        """Store a new session (replacing any with the same id) that lives ``ttl`` s after each write."""
+        px = _ms(ttl)
+        # typed as redis-py wants it: Mapping's key type is invariant, so dict[str, str] is refused
+        mapping: dict[FieldT, EncodableT] = {name: getattr(session, name) for name in _TEXT_FIELDS}
+        mapping.update({name: repr(float(getattr(session, name))) for name in _FLOAT_FIELDS})
+        mapping["n"] = str(session.n)
+        mapping["ttl"] = repr(float(ttl))
+        mapping.update({f"x:{name}": value for name, value in session.extra.items()})
+        key = self.key(session.sid)
+        with _mapped("create"):
+            # DEL first so a reused id cannot inherit old chunks; MULTI keeps it one atomic round trip
+            async with self._client.pipeline(transaction=True) as pipe:
+                pipe.delete(key)
+                pipe.hset(key, mapping=mapping)
+                pipe.pexpire(key, px)
+                await pipe.execute()
+
+    async def get(self, sid: str) -> StreamSession | None:
+        """The session's fields without its chunks, or None if unknown or expired."""
+        with _mapped("get"):
+            flat: list[str] = await self._get(keys=[self.key(sid)])
+        if not flat:
+            return None
+        fields = dict(zip(flat[::2], flat[1::2], strict=True))
+        return StreamSession(
+            sid=sid,
+            bot=fields.get("bot", ""),
+            user=fields.get("user", ""),
+            chat=fields.get("chat", ""),
+            query=fields.get("query", ""),
+            scope=fields.get("scope", ""),
+            response_url=fields.get("response_url", ""),
+            owner=fields.get("owner", ""),
+            created=_float(fields.get("created")),
+            deadline=_float(fields.get("deadline")),
+            status=fields.get("status", ""),
+            heartbeat=_float(fields.get("heartbeat")),
+            conversation_id=fields.get("conversation_id", ""),
+            message_id=fields.get("message_id", ""),
+            task_id=fields.get("task_id", ""),
+            n=int(fields.get("n") or 0),
+            extra={name[2:]: value for name, value in fields.items() if name.startswith("x:")},
+        )
+
+    async def append(self, sid: str, owner: str, text: str, now: float) -> bool:
+        """Add one chunk, mark the session streaming; False (no change) if missing, not owned or over."""
+        with _mapped("append"):
+            return bool(await self._append(keys=[self.key(sid)], args=[owner, text, repr(float(now))]))
+
+    async def replace(self, sid: str, owner: str, text: str, now: float) -> bool:
+        """Make ``text`` the whole content (one unread chunk); same guards as ``append``."""
+        with _mapped("replace"):
+            return bool(await self._replace(keys=[self.key(sid)], args=[owner, text, repr(float(now))]))
+
+    async def finish(
+        self, sid: str, owner: str, status: str, text: str, fields: Mapping[str, str], now: float
+    ) -> bool:
+        """Atomically add a last chunk (if any), set DONE/ERROR and ``fields``; same guards as ``append``."""
+        if status not in TERMINAL:
+            raise ValueError(f"finish needs {DONE!r} or {ERROR!r}, not {status!r}")
+        args: list[str] = [owner, status, text, repr(float(now))]
+        for name, value in fields.items():
+            args += [name if name in DIFY_FIELDS else f"x:{name}", value]
+        with _mapped("finish"):
+            return bool(await self._finish(keys=[self.key(sid)], args=args))
+
+    async def heartbeat(self, sid: str, owner: str, now: float) -> bool:
+        """Record that the owner is alive; False if missing, not owned or over."""
+        with _mapped("heartbeat"):
+            return bool(await self._heartbeat(keys=[self.key(sid)], args=[owner, repr(float(now))]))
+
+    async def poll(self, sid: str) -> Snapshot | None:
+        """Read everything in one round trip, marking the chunks read; None if unknown or expired."""
+        with _mapped("poll"):
+            reply: Sequence[Any] | None = await self._poll(keys=[self.key(sid)])
+        if reply is None:
+            return None
+        status, content, n, unread, owner, heartbeat, deadline, fin = reply
+        return Snapshot(
+            status=status,
+            content=content,
+            n=int(n),
+            unread=int(unread),
+            owner=owner,
+            heartbeat=_float(heartbeat),
+            deadline=_float(deadline),
+            final_delivered=bool(fin),
+        )
+
+    async def take_over(self, sid: str, new_owner: str, now: float, lease: float) -> bool:
+        """Become the owner of an unowned or stale running session (one winner among racers)."""
+        if not new_owner:
+            raise ValueError("take_over needs a non-empty owner")
+        with _mapped("take_over"):
+            return bool(
+                await self._take_over(
+                    keys=[self.key(sid)], args=[new_owner, repr(float(now)), repr(float(lease))]
+                )
+            )
+
+    async def release(self, sid: str, owner: str) -> bool:
+        """Give up a running session so another process can take it over at once."""
+        with _mapped("release"):
+            return bool(await self._release(keys=[self.key(sid)], args=[owner]))
+
+
+class RedisDedupeStore:
+    """WeCom message ids as set-if-absent strings."""
+
+    def __init__(self, client: aioredis.Redis, prefix: str) -> None:
+        self._prefix = prefix
+        self._claim = client.register_script(CLAIM_LUA)
+
+    async def claim(self, bot: str, msgid: str, sid: str, ttl: float) -> str:
+        """Store ``sid`` for the message if none is stored; return the stream id now stored."""
+        px = _ms(ttl)
+        with _mapped("claim"):
+            return str(await self._claim(keys=[f"{self._prefix}:msgid:{bot}:{msgid}"], args=[sid, px]))
+
+
+class RedisConversationStore:
+    """Dify conversation ids as plain strings with a TTL."""
+
+    def __init__(self, client: aioredis.Redis, prefix: str) -> None:
+        self._client = client
+        self._prefix = prefix
+
+    def _key(self, bot: str, scope: str) -> str:
+        return f"{self._prefix}:conv:{bot}:{scope}"
+
+    async def get(self, bot: str, scope: str) -> str | None:
+        """The conversation id for the scope, or None."""
+        with _mapped("conversation get"):
+            value = await self._client.get(self._key(bot, scope))
+        # decode_responses=True: redis-py's typing still allows bytes
+        return value.decode() if isinstance(value, bytes) else value
+
+    async def set(self, bot: str, scope: str, conversation_id: str, ttl: float) -> None:
+        """Remember the conversation id for ``ttl`` seconds."""
+        px = _ms(ttl)
+        with _mapped("conversation set"):
+            await self._client.set(self._key(bot, scope), conversation_id, px=px)
+
+    async def delete(self, bot: str, scope: str) -> None:
+        """Forget the scope's conversation (``/new``)."""
+        with _mapped("conversation delete"):
+            await self._client.delete(self._key(bot, scope))
+
+
+class RedisStores:
+    """All Redis-backed stores over one connection pool."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        prefix: str = "laibao",
+        connect_timeout: float = 2.0,
+        timeout: float = 5.0,
+    ) -> None:
+        # One quick retry, on connection errors only: it covers a pooled socket the server closed
+        # (restart, idle timeout). A timeout is not retried: the script may have run, and running
+        # append twice would duplicate a chunk. The redis-py default (10 retries) would stall a
+        # relay for seconds while Redis is down instead of failing it with a clear message.
+        retry = Retry(ExponentialWithJitterBackoff(base=0.05, cap=0.5), retries=1,
+                      supported_errors=(RedisConnectionError,))
+        self.client: aioredis.Redis = aioredis.Redis.from_url(
+            url,
+            decode_responses=True,
+            # any Python str round-trips, as in the memory store (JSON may carry a lone surrogate)
+            encoding_errors="surrogatepass",
+            socket_connect_timeout=connect_timeout,
+            socket_timeout=timeout,
+            health_check_interval=30,
+            retry=retry,
+        )
+        self.streams = RedisStreamStore(self.client, prefix)
+        self.dedupe = RedisDedupeStore(self.client, prefix)
+        self.conversations = RedisConversationStore(self.client, prefix)
+
+    async def ping(self) -> None:
+        """Raise StoreError if Redis cannot be reached."""
+        with _mapped("ping"):
+            await self.client.ping()
+
+    async def close(self) -> None:
+        """Close the connection pool."""
+        await self.client.aclose()
