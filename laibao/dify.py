@@ -1,0 +1,415 @@
+"""Dify's Service API on Tornado's AsyncHTTPClient (simple_httpclient): streaming chat, stop, info.
+
+Failures are mapped onto :mod:`laibao.errors` here, with ``raise ... from exc``:
+
+    DifyHTTPError        Dify answered 3xx/4xx/5xx (its JSON ``code``/``message``, or a short excerpt)
+    DifyConnectionError  refused, DNS, reset before any answer
+    DifyTimeoutError     "connect" (no connection in time), "idle" (no byte for ``idle_timeout``; pings
+                         count), "total" (the ``request_timeout`` ceiling)
+    DifyStreamError      malformed SSE, an ``error`` event, or the stream ending without ``message_end``
+
+No message or log line carries the API key. Streaming relies on simple_httpclient (Tornado's default
+implementation): ``body_producer``, coroutine ``streaming_callback`` (back-pressure) and early abort
+are not available with curl_httpclient.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import logging
+import re
+from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
+from http import HTTPStatus
+from typing import Any
+from urllib.parse import quote, urlsplit
+
+from tornado import httputil
+from tornado.http1connection import HTTP1Connection
+from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest, HTTPResponse
+from tornado.iostream import IOStream
+from tornado.simple_httpclient import HTTPTimeoutError
+
+from laibao.errors import (
+    DifyConnectionError,
+    DifyError,
+    DifyHTTPError,
+    DifyStreamError,
+    DifyTimeoutError,
+)
+from laibao.sse import DifyEvent, ErrorEvent, MessageEnd, Ping, SSEParser
+
+log = logging.getLogger("laibao.dify")
+
+_SHORT_CALL_TIMEOUT = 30.0  # ceiling for stop / info: small JSON answers, not streams
+_MESSAGE_CHARS = 200  # at most this much of an error body goes into an exception message
+_ERROR_BODY_BYTES = 64 * 1024  # what is read of an error body before giving up on the rest
+_BACKPRESSURE_BYTES = 1 << 20  # received but unconsumed bytes before the socket is no longer read
+_ABORT_WAIT = 2.0  # how long closing a stream waits for Tornado to report the request finished
+_TAG = re.compile(r"<[^>]*>")
+_SPACE = re.compile(r"\s+")
+
+
+class DifyClient:
+    """A client of one Dify app (one API key)."""
+
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str,
+        *,
+        http: AsyncHTTPClient | None = None,
+        connect_timeout: float = 10.0,
+        idle_timeout: float = 90.0,
+        total_timeout: float = 1200.0,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self._api_key = api_key
+        self._http = http
+        self.connect_timeout = connect_timeout
+        self.idle_timeout = idle_timeout
+        self.total_timeout = total_timeout
+
+    def __repr__(self) -> str:
+        return f"DifyClient({self.base_url!r})"
+
+    @property
+    def http(self) -> AsyncHTTPClient:
+        """The HTTP client; the IOLoop's shared one unless one was given."""
+        if self._http is None:
+            # Created on first use, inside the running loop, never at import time.
+            self._http = AsyncHTTPClient()
+        return self._http
+
+    async def chat_stream(
+        self,
+        *,
+        query: str,
+        user: str,
+        conversation_id: str = "",
+        inputs: Mapping[str, Any] | None = None,
+        files: Sequence[Mapping[str, Any]] | None = None,
+    ) -> AsyncGenerator[DifyEvent, None]:
+        """Ask Dify; yield the answer's events (pings excepted) up to and including ``message_end``."""
+        payload: dict[str, Any] = {
+            "inputs": dict(inputs or {}),
+            "query": query,
+            "response_mode": "streaming",
+            "conversation_id": conversation_id,
+            "user": user,
+        }
+        if files is not None:
+            payload["files"] = [dict(item) for item in files]
+        body = json.dumps(payload, ensure_ascii=False).encode()
+        exchange = _Exchange(body, self.idle_timeout)
+        headers = self._headers()
+        headers["Accept"] = "text/event-stream"
+        # The body goes through body_producer, which lets the exchange reach the connection to close
+        # it on abort; Tornado only sets Content-Length itself for ``body``.
+        headers["Content-Length"] = str(len(body))
+        request = HTTPRequest(
+            f"{self.base_url}/chat-messages",
+            method="POST",
+            headers=headers,
+            body_producer=exchange.produce_body,
+            header_callback=exchange.on_header_line,
+            streaming_callback=exchange.on_chunk,
+            connect_timeout=self.connect_timeout,
+            request_timeout=self.total_timeout,
+            follow_redirects=False,
+            # No gzip: a compressing proxy would hold SSE frames back until its buffer fills.
+            decompress_response=False,
+        )
+        exchange.start(self.http.fetch(request, raise_error=False))
+        parser = SSEParser()
+        try:
+            while True:
+                try:
+                    chunk = await exchange.receive()
+                except _TransportFailure as failure:
+                    raise self._transport_error(exchange, failure.exc) from failure.exc
+                if not 200 <= exchange.status < 300:
+                    raise await self._error_from_body(exchange, chunk)
+                events = parser.feed(chunk) if chunk else parser.close()
+                for event in events:
+                    if isinstance(event, Ping):
+                        continue  # only keeps the idle watchdog quiet, which counts bytes
+                    if isinstance(event, ErrorEvent):
+                        raise DifyStreamError(
+                            event.message or "Dify sent an error event", code=event.code, status=event.status
+                        )
+                    yield event
+                    if isinstance(event, MessageEnd):
+                        return
+                if not chunk:
+                    raise DifyStreamError("Dify stream ended without message_end")
+        finally:
+            # Runs on message_end, on errors and when the consumer leaves early (aclose, break,
+            # cancellation): a stream still open is closed now, so Dify sees the client go away.
+            await exchange.abort()
+
+    async def stop(self, task_id: str, user: str) -> None:
+        """Ask Dify to stop generating the answer of ``task_id``; its stream then ends with message_end."""
+        await self._call("POST", f"/chat-messages/{quote(task_id, safe='')}/stop", {"user": user})
+
+    async def info(self) -> dict[str, Any]:
+        """The app's basic information (``name``, ``mode``, ...); used by health checks."""
+        body = await self._call("GET", "/info", None)
+        try:
+            answer = json.loads(body)
+        except ValueError as exc:
+            raise DifyError("Dify /info answered something that is not JSON") from exc
+        if not isinstance(answer, dict):
+            raise DifyError("Dify /info answered something that is not a JSON object")
+        return answer
+
+    async def _call(self, method: str, path: str, payload: Mapping[str, Any] | None) -> bytes:
+        """One short JSON request; its answer body, or the mapped error."""
+        timeout = min(_SHORT_CALL_TIMEOUT, self.total_timeout)
+        request = HTTPRequest(
+            self.base_url + path,
+            method=method,
+            headers=self._headers(),
+            body=None if payload is None else json.dumps(payload, ensure_ascii=False).encode(),
+            connect_timeout=self.connect_timeout,
+            request_timeout=timeout,
+            follow_redirects=False,
+        )
+        try:
+            response = await self.http.fetch(request, raise_error=False)
+        except HTTPTimeoutError as exc:
+            # Tornado names the phase: "Timeout during request" is the ceiling, anything else connecting.
+            if "during request" in str(exc):
+                raise DifyTimeoutError("total", timeout) from exc
+            raise DifyTimeoutError("connect", self.connect_timeout) from exc
+        except (OSError, HTTPClientError, httputil.HTTPInputError) as exc:
+            raise DifyConnectionError(f"cannot reach Dify at {self._where()}: {_describe(exc)}") from exc
+        if not 200 <= response.code < 300:
+            raise _http_error(response.code, response.body or b"")
+        return response.body or b""
+
+    def _headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self._api_key}", "Content-Type": "application/json"}
+
+    def _where(self) -> str:
+        """Host and port of Dify, for messages (never user info from the URL)."""
+        parts = urlsplit(self.base_url)
+        return f"{parts.hostname}:{parts.port}" if parts.port else str(parts.hostname)
+
+    def _transport_error(self, exchange: _Exchange, exc: BaseException) -> DifyError:
+        """Map a fetch that failed below HTTP, by how far the exchange had got."""
+        if isinstance(exc, HTTPTimeoutError):
+            if exchange.connected:
+                return DifyTimeoutError("total", self.total_timeout)
+            return DifyTimeoutError("connect", self.connect_timeout)
+        if exchange.status and not 200 <= exchange.status < 300:
+            return _http_error(exchange.status, b"")  # an error answer cut short: the status says enough
+        if exchange.status:
+            return DifyStreamError(f"Dify stream broke off: {_describe(exc)}")
+        return DifyConnectionError(f"cannot reach Dify at {self._where()}: {_describe(exc)}")
+
+    async def _error_from_body(self, exchange: _Exchange, first: bytes) -> DifyHTTPError:
+        """Read (a bounded part of) an error answer's body and make the error from it."""
+        body = bytearray(first[:_ERROR_BODY_BYTES])
+        chunk = first
+        while chunk and len(body) < _ERROR_BODY_BYTES:
+            try:
+                chunk = await exchange.receive()
+            except _TransportFailure:
+                break  # the status says enough; a body cut short only shortens the message
+            body += chunk[: _ERROR_BODY_BYTES - len(body)]
+        return _http_error(exchange.status, bytes(body))
+
+
+class _TransportFailure(Exception):
+    """The fetch failed below HTTP (refused, reset, Tornado's timeouts); ``exc`` is Tornado's error."""
+
+    def __init__(self, exc: BaseException) -> None:
+        super().__init__(str(exc))
+        self.exc = exc
+
+
+class _Abandoned(Exception):
+    """The consumer left before the connection was made: the request body is never sent."""
+
+
+class _Exchange:
+    """One streaming request: buffers what Tornado's callbacks deliver, watches idleness, can abort.
+
+    Tornado has no public way to abort a fetch (tornadoweb/tornado#157). simple_httpclient calls
+    ``body_producer`` with the ``write`` method of the request's ``HTTP1Connection`` once connected;
+    the exchange keeps that connection's IOStream, and closing it ends the fetch at once (Tornado then
+    reports a closed stream, which is discarded).
+    """
+
+    def __init__(self, body: bytes, idle_timeout: float) -> None:
+        self._body = body
+        self._idle_timeout = idle_timeout
+        self._loop = asyncio.get_running_loop()
+        self._chunks: collections.deque[bytes] = collections.deque()
+        self._buffered = 0
+        self._wake = asyncio.Event()
+        self._drained: asyncio.Future[None] | None = None
+        self._outcome: asyncio.Future[HTTPResponse] | None = None
+        self._stream: IOStream | None = None
+        self._last_activity = self._loop.time()
+        self._aborted = False
+        self.connected = False
+        self.status = 0
+
+    def start(self, outcome: asyncio.Future[HTTPResponse]) -> None:
+        """Follow the fetch started for this exchange."""
+        self._outcome = outcome
+        outcome.add_done_callback(self._on_outcome)
+
+    def produce_body(self, write: Callable[[bytes], None]) -> asyncio.Future[None]:
+        """Tornado's body_producer: called once the connection is made."""
+        if self._aborted:
+            raise _Abandoned("the consumer left while connecting")
+        connection = getattr(write, "__self__", None)
+        if isinstance(connection, HTTP1Connection):
+            self._stream = connection.stream
+        self.connected = True
+        self._touch()
+        write(self._body)
+        done: asyncio.Future[None] = self._loop.create_future()
+        done.set_result(None)
+        return done
+
+    def on_header_line(self, line: str) -> None:
+        """Tornado's header_callback: the status line tells whether the body is SSE or an error."""
+        self._touch()
+        if self.status == 0 and line.startswith("HTTP/"):
+            try:
+                self.status = httputil.parse_response_start_line(line.rstrip("\r\n")).code
+            except httputil.HTTPInputError:
+                pass  # the final HTTPResponse still carries the code
+
+    def on_chunk(self, chunk: bytes) -> asyncio.Future[None] | None:
+        """Tornado's streaming_callback; returns a future (back-pressure) while the consumer lags."""
+        self._touch()
+        if self._aborted:
+            return None
+        self._chunks.append(chunk)
+        self._buffered += len(chunk)
+        if self._buffered >= _BACKPRESSURE_BYTES:
+            self._drained = self._loop.create_future()
+            return self._drained
+        return None
+
+    async def receive(self) -> bytes:
+        """The bytes received since the last call; ``b""`` once the body is complete.
+
+        Raises DifyTimeoutError("idle") when nothing arrived for ``idle_timeout`` seconds and
+        _TransportFailure when the fetch failed.
+        """
+        while not self._chunks:
+            assert self._outcome is not None
+            if self._outcome.done():
+                return self._finish()
+            self._wake.clear()
+            if not self.connected:
+                # Connecting (or queued behind max_clients): Tornado's connect_timeout bounds this.
+                await self._wake.wait()
+                continue
+            remaining = self._last_activity + self._idle_timeout - self._loop.time()
+            if remaining <= 0:
+                raise DifyTimeoutError("idle", self._idle_timeout)
+            try:
+                async with asyncio.timeout(remaining):
+                    await self._wake.wait()
+            except TimeoutError:
+                pass  # checked again at the top: a byte may have arrived just in time
+        chunk = b"".join(self._chunks)
+        self._chunks.clear()
+        self._buffered = 0
+        if self._drained is not None:
+            self._resume()
+        return chunk
+
+    async def abort(self) -> None:
+        """Close the connection unless the response is complete; wait briefly for Tornado to let go."""
+        self._aborted = True
+        self._chunks.clear()
+        if self._drained is not None:
+            self._resume()
+        outcome = self._outcome
+        if outcome is None or outcome.done():
+            return
+        if self._stream is None:
+            # Still connecting: produce_body refuses to send once connected, which ends the fetch.
+            if self.connected:
+                log.warning("cannot close the Dify connection early with this HTTP client")
+            return
+        log.debug("closing the Dify connection before the response ended")
+        self._stream.close()
+        await asyncio.wait([outcome], timeout=_ABORT_WAIT)
+
+    def _finish(self) -> bytes:
+        assert self._outcome is not None
+        exc = self._outcome.exception()
+        if exc is not None:
+            raise _TransportFailure(exc)
+        if self.status == 0:
+            self.status = self._outcome.result().code
+        return b""
+
+    def _touch(self) -> None:
+        self._last_activity = self._loop.time()
+        self._wake.set()
+
+    def _resume(self) -> None:
+        """Let Tornado read the socket again; the pause was ours, so the idle clock restarts."""
+        assert self._drained is not None
+        if not self._drained.done():
+            self._drained.set_result(None)
+        self._drained = None
+        self._last_activity = self._loop.time()
+
+    def _on_outcome(self, outcome: asyncio.Future[HTTPResponse]) -> None:
+        if not outcome.cancelled():
+            outcome.exception()  # retrieved here, so an abandoned fetch never logs "never retrieved"
+        self._wake.set()
+
+
+def _http_error(status: int, body: bytes) -> DifyHTTPError:
+    """DifyHTTPError from an error answer: Dify's JSON fields, or a short excerpt of whatever came."""
+    text = body.decode("utf-8", "replace")
+    try:
+        answer = json.loads(text)
+    except ValueError:
+        answer = None
+    if isinstance(answer, dict) and ("code" in answer or "message" in answer):
+        code = str(answer.get("code") or "") or _status_code_name(status)
+        message = str(answer.get("message") or "")
+        return DifyHTTPError(status, code, _shorten(message) or _reason(status))
+    # Not Dify's JSON (a proxy's HTML 502, a plain-text 429): keep a readable excerpt.
+    excerpt = _shorten(_TAG.sub(" ", text))
+    return DifyHTTPError(status, _status_code_name(status), excerpt or _reason(status))
+
+
+def _status_code_name(status: int) -> str:
+    """A code derived from the status ("too_many_requests", "bad_gateway"); "" if unknown."""
+    try:
+        return HTTPStatus(status).phrase.lower().replace(" ", "_").replace("-", "_")
+    except ValueError:
+        return ""
+
+
+def _reason(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return f"HTTP {status}"
+
+
+def _shorten(text: str) -> str:
+    text = _SPACE.sub(" ", text).strip()
+    if len(text) <= _MESSAGE_CHARS:
+        return text
+    return text[: _MESSAGE_CHARS - 1] + "…"
+
+
+def _describe(exc: BaseException) -> str:
+    return str(exc) or type(exc).__name__
