@@ -6,8 +6,6 @@ Every problem found is reported on its own line (``ConfigError.problems``); secr
 
 from __future__ import annotations
 
-import base64
-import binascii
 import os
 import re
 import socket
@@ -18,7 +16,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from laibao.errors import ConfigError
+from laibao.crypto import WeComCrypto
+from laibao.errors import ConfigError, CryptoError
 
 ENV_PREFIX = "LAIBAO_"
 BOT_NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -273,12 +272,11 @@ def _check_globals(config: Config) -> list[str]:
 
 
 def _valid_aes_key(key: str) -> bool:
-    if len(key) != 43:
-        return False
     try:
-        return len(base64.b64decode(key + "=", validate=True)) == 32
-    except (binascii.Error, ValueError):
+        WeComCrypto("token", key)
+    except CryptoError:
         return False
+    return True
 
 
 def _coerce(parse: Callable[[str], Any], raw: Any) -> Any:
@@ -292,7 +290,9 @@ def _coerce(parse: Callable[[str], Any], raw: Any) -> Any:
 
 
 def _kind(parse: Callable[[str], Any]) -> str:
-    return {str: "a string", int: "an integer", float: "a number"}.get(parse, "a value")  # type: ignore[call-overload]
+    if parse is int:
+        return "an integer"
+    return "a number" if parse is float else "a string"
 
 
 def _shown(name: str, raw: Any) -> str:

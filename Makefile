@@ -1,0 +1,48 @@
+# laibao: `make run` serves, `make test` tests; both set up everything they need on a fresh machine.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: run test lint bench system-deps clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+
+# Runtime install only (no test tools).
+$(VENV)/.run-installed: $(BIN)/python setup.cfg pyproject.toml
+	$(BIN)/pip install --quiet -e .
+	touch $@
+
+# Install with the test extras; also satisfies the runtime stamp.
+$(VENV)/.test-installed: $(BIN)/python setup.cfg pyproject.toml
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $@ $(VENV)/.run-installed
+
+run: $(VENV)/.run-installed
+	$(BIN)/laibao serve $(ARGS)
+
+# The tests start their own redis-server in a temporary directory: the binary must exist.
+system-deps:
+	@if ! command -v redis-server >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    echo "installing redis-server (Debian package)"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; \
+	  else \
+	    echo "redis-server is missing: run 'sudo apt-get install redis-server' (or run make test as root)"; exit 1; \
+	  fi; \
+	fi
+
+test: system-deps $(VENV)/.test-installed
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+lint: $(VENV)/.test-installed
+	$(BIN)/ruff check laibao handlers stores tests bench
+	$(BIN)/mypy
+
+bench: system-deps $(VENV)/.test-installed
+	$(BIN)/python bench/poll.py
+
+clean:
+	rm -rf $(VENV) *.egg-info .mypy_cache .ruff_cache .hypothesis

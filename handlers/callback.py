@@ -1,0 +1,88 @@
+"""GET|POST /wecom/callback[/{bot}]: WeCom's URL verification, message callbacks and refresh polls."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import tornado.web
+
+from handlers.base import BaseHandler
+from laibao.errors import CallbackError, CryptoError
+from laibao.runtime import BotRuntime
+from laibao.wecom import parse_callback
+
+log = logging.getLogger("laibao.callback")
+
+
+@tornado.web.stream_request_body
+class CallbackHandler(BaseHandler):
+    """Parse and verify the request, hand the callback to the bot's service, seal its reply."""
+
+    def initialize(self) -> None:
+        """Reset the per-request body buffer."""
+        self._body = bytearray()
+        self._too_large = False
+
+    def prepare(self) -> None:
+        """Refuse an oversized body before reading it."""
+        limit = self.runtime.config.max_body_bytes
+        length = self.request.headers.get("Content-Length")
+        if self.request.method == "POST" and length is not None and length.isdigit() and int(length) > limit:
+            raise tornado.web.HTTPError(413, "callback body of %s bytes refused", length)
+
+    def data_received(self, chunk: bytes) -> None:
+        """Buffer the body up to the limit; a chunked body past it is dropped and refused later."""
+        if len(self._body) + len(chunk) > self.runtime.config.max_body_bytes:
+            self._too_large = True
+            self._body.clear()
+        elif not self._too_large:
+            self._body.extend(chunk)
+
+    def _bot(self, name: str) -> BotRuntime:
+        bot = self.runtime.bots.get(name)
+        if bot is None:
+            raise tornado.web.HTTPError(404, "no bot named %r", name)
+        return bot
+
+    def _params(self, *names: str) -> list[str]:
+        values = [self.get_query_argument(name, "") for name in names]
+        if not all(values):
+            raise tornado.web.HTTPError(400, "missing query parameter among %s", ",".join(names))
+        return values
+
+    def _refuse(self, exc: CryptoError, bot: BotRuntime) -> tornado.web.HTTPError:
+        status = 401 if exc.code == CryptoError.SIGNATURE_INVALID else 400
+        return tornado.web.HTTPError(status, "bot %s: %s", bot.config.key, exc)
+
+    def get(self, name: str = "") -> None:
+        """URL verification: answer with the decrypted echostr in plain text, nothing else."""
+        bot = self._bot(name)
+        signature, timestamp, nonce, echostr = self._params("msg_signature", "timestamp", "nonce", "echostr")
+        try:
+            plaintext = bot.crypto.verify_url(signature, timestamp, nonce, echostr)
+        except CryptoError as exc:
+            raise self._refuse(exc, bot) from exc
+        self.set_header("Content-Type", "text/plain; charset=utf-8")
+        self.finish(plaintext.encode("utf-8"))
+
+    async def post(self, name: str = "") -> None:
+        """A message, event or refresh poll: reply with a sealed payload or an empty 200."""
+        if self._too_large:
+            raise tornado.web.HTTPError(413, "chunked callback body over the limit")
+        bot = self._bot(name)
+        signature, timestamp, nonce = self._params("msg_signature", "timestamp", "nonce")
+        try:
+            payload = bot.crypto.open_callback(signature, timestamp, nonce, bytes(self._body))
+            callback = parse_callback(payload)
+        except CryptoError as exc:
+            raise self._refuse(exc, bot) from exc
+        except CallbackError as exc:
+            raise tornado.web.HTTPError(400, "bot %s: %s", bot.config.key, exc) from exc
+        reply = await bot.service.on_callback(callback)
+        if reply is None:
+            self.finish()
+            return
+        sealed = bot.crypto.seal_reply(reply, nonce)
+        self.set_header("Content-Type", "application/json; charset=utf-8")
+        self.finish(json.dumps(sealed, separators=(",", ":")))

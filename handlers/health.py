@@ -1,0 +1,28 @@
+"""Liveness and readiness for the load balancer and supervisord."""
+
+from __future__ import annotations
+
+from handlers.base import BaseHandler
+
+
+class HealthHandler(BaseHandler):
+    """GET /healthz: the process answers."""
+
+    def get(self) -> None:
+        """Always ok while the event loop runs."""
+        self.set_header("Content-Type", "text/plain; charset=utf-8")
+        self.finish("ok\n")
+
+
+class ReadyHandler(BaseHandler):
+    """GET /readyz: 200 when every configured backend answers, else 503 naming what failed."""
+
+    async def get(self) -> None:
+        """Ask the runtime which parts fail."""
+        failures = await self.runtime.readiness()
+        self.set_header("Content-Type", "text/plain; charset=utf-8")
+        if failures:
+            self.set_status(503)
+            self.finish("".join(f"{part}: {why}\n" for part, why in failures.items()))
+        else:
+            self.finish("ready\n")

@@ -1,0 +1,64 @@
+"""The Tornado application factory and the `serve` loop."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+import tornado.httpserver
+import tornado.web
+
+from handlers.callback import CallbackHandler
+from handlers.health import HealthHandler, ReadyHandler
+from laibao.config import Config
+from laibao.runtime import Runtime
+
+log = logging.getLogger("laibao.app")
+
+SHUTDOWN_GRACE = 20.0
+
+
+def make_app(runtime: Runtime) -> tornado.web.Application:
+    """Routes for every configured bot plus the health endpoints."""
+    return tornado.web.Application(
+        [
+            (r"/wecom/callback", CallbackHandler),
+            (r"/wecom/callback/([A-Za-z0-9_-]{1,64})", CallbackHandler),
+            (r"/healthz", HealthHandler),
+            (r"/readyz", ReadyHandler),
+        ],
+        runtime=runtime,
+        # Error pages are plain text from BaseHandler.write_error; no tracebacks, even in debug.
+        serve_traceback=False,
+    )
+
+
+def configure_logging(level: str) -> None:
+    """One line per record on stderr, as supervisord collects it."""
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+async def serve(config: Config) -> None:
+    """Run the service until SIGTERM/SIGINT, then drain relays and close."""
+    runtime = Runtime.build(config)
+    app = make_app(runtime)
+    # The handler refuses bodies over max_body_bytes with 413; the server limit only stops abuse.
+    server = tornado.httpserver.HTTPServer(app, max_body_size=max(config.max_body_bytes * 8, 8 << 20))
+    server.listen(config.port, address=config.host)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    bots = ", ".join(bot.path for bot in config.bots)
+    log.info("laibao %s listening on %s:%d, bots at %s, store %s", config.node, config.host, config.port,
+             bots, "redis" if config.redis_url else "in-process")
+    await stop.wait()
+    log.info("stopping: no new connections; %d relays running", len(runtime.tasks))
+    server.stop()
+    await runtime.close(grace=SHUTDOWN_GRACE)
+    await server.close_all_connections()
+    log.info("stopped")

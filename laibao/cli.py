@@ -1,0 +1,127 @@
+"""The `laibao` command: serve, chat, check, gen-key."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Sequence
+
+from tornado.httpclient import AsyncHTTPClient
+
+from laibao import __version__
+from laibao.config import BotConfig, Config, load_config
+from laibao.errors import ConfigError, LaibaoError
+
+EXIT_USAGE = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="laibao", description="WeCom AI bot ⇄ Dify bridge")
+    parser.add_argument("--version", action="version", version=f"laibao {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the service")
+    serve.add_argument("--config", help="TOML configuration file")
+    serve.add_argument("--port", type=int, help="listen port (overrides LAIBAO_PORT)")
+    serve.add_argument("--host", help="listen address (overrides LAIBAO_HOST)")
+
+    chat = sub.add_parser("chat", help="play WeCom against a running laibao and print the answer")
+    chat.add_argument("text", help="the message to send")
+    chat.add_argument("--config", help="TOML configuration file")
+    chat.add_argument("--url", help="callback URL (default: this configuration's, on 127.0.0.1)")
+    chat.add_argument("--bot", default="", help="which [[bots]] entry's token and key to use")
+    chat.add_argument("--user", default="laibao-cli", help="WeCom userid to send as")
+    chat.add_argument("--group", help="send as a group message in this chatid")
+    chat.add_argument("--interval", type=float, default=1.0, help="seconds between refresh polls")
+
+    check = sub.add_parser("check", help="validate the configuration and reach Redis and Dify")
+    check.add_argument("--config", help="TOML configuration file")
+
+    sub.add_parser("gen-key", help="print a new Token and EncodingAESKey")
+    return parser
+
+
+def _load(args: argparse.Namespace) -> Config:
+    overrides = {k: getattr(args, k) for k in ("port", "host") if getattr(args, k, None) is not None}
+    return load_config(config_file=args.config, overrides=overrides)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the console script; returns the exit status."""
+    args = _parser().parse_args(argv)
+    if args.command == "gen-key":
+        from laibao.crypto import generate_aes_key, generate_token
+
+        print(f"LAIBAO_WECOM_TOKEN={generate_token()}")
+        print(f"LAIBAO_WECOM_AES_KEY={generate_aes_key()}")
+        return 0
+    try:
+        config = _load(args)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(f"laibao: config: {problem}", file=sys.stderr)
+        return EXIT_USAGE
+    if args.command == "serve":
+        from laibao.app import configure_logging, serve
+
+        configure_logging(config.log_level)
+        asyncio.run(serve(config))
+        return 0
+    if args.command == "chat":
+        return asyncio.run(_chat(config, args))
+    return asyncio.run(_check(config))
+
+
+def _pick_bot(config: Config, name: str) -> BotConfig | None:
+    return next((bot for bot in config.bots if bot.name == name), None)
+
+
+async def _chat(config: Config, args: argparse.Namespace) -> int:
+    from laibao.chat import Printer, WeComPlayer, converse
+    from laibao.crypto import WeComCrypto
+
+    bot = _pick_bot(config, args.bot)
+    if bot is None:
+        print(f"laibao: chat: no bot named {args.bot!r} in the configuration", file=sys.stderr)
+        return EXIT_USAGE
+    url = args.url or f"http://127.0.0.1:{config.port}{bot.path}"
+    http = AsyncHTTPClient(force_instance=True)
+    player = WeComPlayer(WeComCrypto(bot.token, bot.aes_key, bot.receive_id), url, http)
+    try:
+        await converse(player, args.text, args.user, args.group, interval=args.interval, on_update=Printer())
+    except LaibaoError as exc:
+        print(f"\nlaibao: chat: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        http.close()
+    return 0
+
+
+async def _check(config: Config) -> int:
+    from laibao.runtime import Runtime
+
+    runtime = Runtime.build(config)
+    failed = False
+    try:
+        for part, why in (await runtime.readiness()).items():
+            print(f"{part}: FAILED {why}")
+            failed = True
+        if config.redis_url and not failed:
+            print("redis: ok")
+        for name, bot in runtime.bots.items():
+            label = name or "(environment bot)"
+            try:
+                info = await bot.service.dify.info()
+            except LaibaoError as exc:
+                print(f"dify {label}: FAILED {exc}")
+                failed = True
+            else:
+                print(f"dify {label}: ok, app mode {info.get('mode', '?')}")
+    finally:
+        await runtime.close()
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,67 @@
+"""Everything the end user reads in WeCom, in one place: short, Chinese, specific."""
+
+from __future__ import annotations
+
+from laibao.errors import (
+    DifyConnectionError,
+    DifyError,
+    DifyHTTPError,
+    DifyStreamError,
+    DifyTimeoutError,
+)
+
+EXPIRED = "这条消息已过期，请重新提问。"
+BUSY = "服务繁忙，请稍后再试。"
+UNSUPPORTED = "暂不支持这种消息，请发送文字。"
+GENERIC_ERROR = "抱歉，处理消息时出错，请稍后再试。"
+NEW_CONVERSATION_HINT = ""
+
+DIFY_UNREACHABLE = "抱歉，暂时连不上 AI 服务，请稍后再试。"
+DIFY_TIMEOUT = "抱歉，AI 服务响应超时，请稍后再试。"
+DIFY_INTERRUPTED = "抱歉，回答中断了，请稍后再试。"
+DIFY_BAD_KEY = "抱歉，AI 应用的密钥无效或应用已停用，请联系管理员。"
+DIFY_QUOTA = "抱歉，AI 模型额度已用完，请联系管理员。"
+DIFY_NOT_CONFIGURED = "抱歉，AI 模型尚未配置好，请联系管理员。"
+DIFY_APP_UNAVAILABLE = "抱歉，AI 应用当前不可用，请联系管理员。"
+DIFY_MODEL_ERROR = "抱歉，AI 模型调用出错，请稍后再试。"
+DIFY_RATE_LIMIT = "当前提问的人太多，请稍后再试。"
+DIFY_SERVER_ERROR = "抱歉，AI 服务出了故障，请稍后再试。"
+DIFY_BAD_REQUEST = "抱歉，AI 服务拒绝了这个请求，请换个说法再试。"
+
+# Dify error codes (HTTP bodies and `error` events) and what the user is told.
+_BY_CODE = {
+    "unauthorized": DIFY_BAD_KEY,
+    "app_unavailable": DIFY_APP_UNAVAILABLE,
+    "provider_not_initialize": DIFY_NOT_CONFIGURED,
+    "provider_quota_exceeded": DIFY_QUOTA,
+    "model_currently_not_support": DIFY_MODEL_ERROR,
+    "completion_request_error": DIFY_MODEL_ERROR,
+    "invoke_error": DIFY_MODEL_ERROR,
+    "rate_limit_error": DIFY_RATE_LIMIT,
+    "too_many_requests": DIFY_RATE_LIMIT,
+    "invalid_param": DIFY_BAD_REQUEST,
+}
+
+
+def explain(exc: Exception) -> str:
+    """The short sentence a user sees when their answer failed because of ``exc``."""
+    if isinstance(exc, DifyTimeoutError):
+        return DIFY_TIMEOUT
+    if isinstance(exc, DifyConnectionError):
+        return DIFY_UNREACHABLE
+    if isinstance(exc, DifyHTTPError | DifyStreamError):
+        if exc.code in _BY_CODE:
+            return _BY_CODE[exc.code]
+        status = exc.status
+        if status in (401, 403):
+            return DIFY_BAD_KEY
+        if status == 429:
+            return DIFY_RATE_LIMIT
+        if status >= 500:
+            return DIFY_SERVER_ERROR
+        if status >= 400:
+            return DIFY_BAD_REQUEST
+        return DIFY_INTERRUPTED
+    if isinstance(exc, DifyError):
+        return DIFY_INTERRUPTED
+    return GENERIC_ERROR

@@ -1,0 +1,124 @@
+"""Two real `laibao serve` processes on one real redis-server: any process answers any poll."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from tornado.httpclient import AsyncHTTPClient
+from tornado.ioloop import IOLoop
+
+from tests.difystub import DifyStub, Script
+from tests.harness import AES_KEY, TOKEN, LaibaoProcess, WeCom, follow, message, refresh
+
+ANSWER = "分布式的回答：第一段，" + "内容🙂" * 300 + "。第二段 ends here."
+
+
+@dataclass
+class Cluster:
+    dify: DifyStub
+    a: LaibaoProcess
+    b: LaibaoProcess
+    http: AsyncHTTPClient
+
+    def wecom(self, proc: LaibaoProcess) -> WeCom:
+        return WeCom(self.http, proc.base_url)
+
+
+@pytest.fixture
+def cluster(io_loop: IOLoop, redis_url: str, tmp_path: Path) -> Iterator[Cluster]:
+    """A Dify stand-in in this process and two laibao processes sharing Redis."""
+
+    dify = DifyStub()
+    io_loop.run_sync(dify.start)
+    env = {"LAIBAO_REDIS_URL": redis_url, "LAIBAO_DIFY_URL": dify.base_url, "LAIBAO_DIFY_KEY": "app-test-key"}
+    http = AsyncHTTPClient(force_instance=True)
+    cluster = Cluster(dify, LaibaoProcess(tmp_path, "node-a", env), LaibaoProcess(tmp_path, "node-b", env), http)
+    try:
+        io_loop.run_sync(lambda: asyncio.gather(cluster.a.ready(http), cluster.b.ready(http)))
+        yield cluster
+    finally:
+        for proc in (cluster.a, cluster.b):
+            proc.close()
+        http.close()
+        io_loop.run_sync(dify.stop)
+
+
+@pytest.mark.slow
+@pytest.mark.gen_test(timeout=60)
+async def test_polls_alternating_between_processes_show_a_growing_answer(cluster: Cluster) -> None:
+    hold = asyncio.Event()
+    cluster.dify.push(Script(answer=ANSWER, hold=hold, delay=0.001, cut=(1, 7, 3, 13, 2, 29, 5, 101)))
+    to_a, to_b = cluster.wecom(cluster.a), cluster.wecom(cluster.b)
+    first = await to_a.stream(message("请分两段回答"))
+    assert first["finish"] is False
+    sid = str(first["id"])
+    # Poll both processes while Dify is mid-answer: the content is partial and never shrinks.
+    seen: list[dict[str, object]] = []
+    while len(seen) < 2000:
+        stream = await (to_a, to_b)[len(seen) % 2].stream(refresh(sid))
+        seen.append(stream)
+        assert stream["finish"] is False  # message_end is held back
+        if str(stream["content"]).endswith("。第二段 ends here."):
+            break
+        await asyncio.sleep(0.01)
+    hold.set()
+    seen.extend(await follow([to_b, to_a], sid))
+    shown = ""
+    for stream in seen:
+        content = str(stream["content"])
+        if content != "正在思考…":
+            assert content.startswith(shown)
+            shown = content
+    assert shown == ANSWER
+    assert [s["finish"] for s in seen].count(True) == 1 and seen[-1]["finish"] is True
+    assert len(to_a.replies) > 2 and len(to_b.replies) > 2  # both processes answered polls
+    assert len(cluster.dify.chat_calls) == 1
+
+
+@pytest.mark.slow
+@pytest.mark.gen_test(timeout=60)
+async def test_same_msgid_on_two_processes_calls_dify_once(cluster: Cluster) -> None:
+    hold = asyncio.Event()
+    cluster.dify.push(Script(answer="只答一次", hold=hold))
+    payload = message("重复投递到两个进程", msgid="dup-across")
+    first = await cluster.wecom(cluster.a).stream(payload)
+    second = await cluster.wecom(cluster.b).stream(payload)
+    assert second["id"] == first["id"]
+    hold.set()
+    polls = await follow([cluster.wecom(cluster.b)], str(first["id"]))
+    assert polls[-1]["content"] == "只答一次"
+    assert len(cluster.dify.chat_calls) == 1
+
+
+@pytest.mark.slow
+@pytest.mark.gen_test(timeout=60)
+async def test_laibao_chat_cli_plays_wecom(cluster: Cluster, tmp_path: Path) -> None:
+    cluster.dify.push(Script(answer="命令行里的回答"))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LAIBAO_")}
+    env.update({"LAIBAO_WECOM_TOKEN": TOKEN, "LAIBAO_WECOM_AES_KEY": AES_KEY, "LAIBAO_DIFY_URL": "http://x/v1",
+                "LAIBAO_DIFY_KEY": "k", "PYTHONWARNINGS": "error"})
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "laibao.cli", "chat", "--url", cluster.a.base_url + "/wecom/callback",
+        "--interval", "0.2", "--user", "wangwu", "你好", cwd=tmp_path, env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+    out, err = await proc.communicate()
+    assert proc.returncode == 0, err.decode()
+    assert out.decode().replace("\n", "").endswith("命令行里的回答")
+    assert cluster.dify.chat_calls[-1].json["user"] == "wecom:wangwu"  # type: ignore[index]
+    # A wrong token is reported in one line, not silently shown (the signature fails: 401).
+    env["LAIBAO_WECOM_TOKEN"] = TOKEN[::-1]
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "laibao.cli", "chat", "--url", cluster.a.base_url + "/wecom/callback", "再问",
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+    out, err = await proc.communicate()
+    assert proc.returncode == 1
+    assert b"laibao: chat: laibao answered HTTP 401" in err
