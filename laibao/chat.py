@@ -92,10 +92,12 @@ async def converse(
     reply = await player.post(WeComPlayer.message(text, user, group))
     stream = _stream_of(reply)
     stream_id = stream["id"]
+    placeholder = stream.get("content", "")
     deadline = time.monotonic() + window
     while True:
         content, finished = stream.get("content", ""), bool(stream.get("finish"))
-        if on_update is not None:
+        # The placeholder ("正在思考…") is not part of the answer: show nothing until Dify's words arrive.
+        if on_update is not None and (finished or content != placeholder):
             on_update(content, finished)
         if finished:
             return str(content)

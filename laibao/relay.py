@@ -196,6 +196,7 @@ class ChunkWriter:
                 await self._write(text)
                 text = ""
             ok = await self._streams.finish(self._sid, self._owner, status, text, fields, self._clock())
+            self.writes += 1
             if not ok:
                 raise OwnershipLost(self._sid)
 
