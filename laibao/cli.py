@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
+import os
 import sys
 from collections.abc import Sequence
 
@@ -55,6 +57,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         print(f"LAIBAO_WECOM_TOKEN={generate_token()}")
         print(f"LAIBAO_WECOM_AES_KEY={generate_aes_key()}")
+        print(f"LAIBAO_SECRET_KEY={base64.b64encode(os.urandom(32)).decode()}")
         return 0
     try:
         config = _load(args)

@@ -6,6 +6,8 @@ Every problem found is reported on its own line (``ConfigError.problems``); secr
 
 from __future__ import annotations
 
+import base64
+import binascii
 import os
 import re
 import socket
@@ -22,6 +24,7 @@ from laibao.errors import ConfigError, CryptoError
 ENV_PREFIX = "LAIBAO_"
 BOT_NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 DEFAULT_PLACEHOLDER = "正在思考…"
+DEFAULT_DENIED = "抱歉，你还没有使用这个机器人的权限，请联系管理员开通。"
 
 
 @dataclass(frozen=True)
@@ -36,6 +39,17 @@ class BotConfig:
     receive_id: str = ""
     placeholder: str = DEFAULT_PLACEHOLDER
     conversation_ttl: float = 7 * 24 * 3600.0
+    auth: str = "open"  # open | allowlist | token
+    auth_forward: str = "header"  # token mode: Bearer header, or a Dify inputs variable
+    auth_input_name: str = "token"
+    denied_text: str = DEFAULT_DENIED
+    group_scope: str = "user"  # a Dify conversation per user in a group, or one per group ("chat")
+    think: str = "show"  # <think> reasoning shown through WeCom's collapsible rendering, or hidden
+    welcome: str = ""  # enter_chat text; "" = Dify's opening statement and suggested questions
+    new_words: tuple[str, ...] = ("/new", "新对话", "新会话")
+    stop_words: tuple[str, ...] = ("/stop", "停止", "停")
+    help_words: tuple[str, ...] = ("/help", "帮助")
+    help_text: str = ""
 
     @property
     def path(self) -> str:
@@ -69,6 +83,22 @@ class Config:
     flush_interval: float = 0.1
     flush_bytes: int = 1024
     max_body_bytes: int = 1024 * 1024
+    log_content: bool = False  # message and answer text in logs (debugging only)
+    max_clock_skew: float = 600.0  # callbacks whose timestamp is further from now are refused
+    shutdown_grace: float = 20.0
+    auth_url: str = ""
+    auth_timeout: float = 5.0
+    auth_code_field: str = "code"
+    auth_secret_field: str = "secret"  # noqa: S105 - a JSON field name, not a secret
+    auth_token_field: str = "token"  # noqa: S105 - a JSON field name, not a secret
+    auth_ttl_field: str = "expires_in"
+    auth_default_ttl: float = 3600.0
+    secret_key: str = field(default="", repr=False)
+    token_cache_ttl: float = 30.0
+    token_cache_size: int = 10000
+    media_hold_seconds: float = 300.0
+    media_max_bytes: int = 20 * 1024 * 1024
+    response_url_retries: int = 3
 
     @property
     def node(self) -> str:
@@ -76,34 +106,116 @@ class Config:
         return self.node_id or f"{socket.gethostname()}:{self.port}"
 
 
-# Settings of Config read from the environment / TOML top level, with their parsers.
-_GLOBAL_PARSERS: dict[str, Callable[[str], Any]] = {
-    "host": str,
-    "port": int,
-    "node_id": str,
-    "redis_url": str,
-    "mysql_url": str,
-    "log_level": str,
-    "dify_connect_timeout": float,
-    "dify_idle_timeout": float,
-    "dify_total_timeout": float,
-    "http_max_clients": int,
-    "lease": float,
-    "stream_ttl": float,
-    "msgid_ttl": float,
-    "flush_interval": float,
-    "flush_bytes": int,
-    "max_body_bytes": int,
+Parser = Callable[[Any], Any]
+
+
+def _str(raw: Any) -> str:
+    if not isinstance(raw, str):
+        raise ValueError(raw)
+    return raw
+
+
+def _int(raw: Any) -> int:
+    if isinstance(raw, bool) or not isinstance(raw, int | str) or not str(raw).strip().lstrip("-").isdigit():
+        raise ValueError(raw)
+    return int(raw)
+
+
+def _float(raw: Any) -> float:
+    if isinstance(raw, bool):
+        raise ValueError(raw)
+    return float(raw)
+
+
+def _bool(raw: Any) -> bool:
+    if isinstance(raw, bool):
+        return raw
+    text = str(raw).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(raw)
+
+
+def _words(raw: Any) -> tuple[str, ...]:
+    """A list of words: a TOML array of strings, or a comma-separated string from the environment."""
+    items = raw.split(",") if isinstance(raw, str) else raw
+    if not isinstance(items, list | tuple) or not all(isinstance(item, str) for item in items):
+        raise ValueError(raw)
+    return tuple(item.strip() for item in items if item.strip())
+
+
+def _choice(*options: str) -> Parser:
+    def parse(raw: Any) -> str:
+        if raw not in options:
+            raise ValueError(raw)
+        return str(raw)
+
+    parse.__doc__ = "one of " + ", ".join(options)
+    return parse
+
+
+_KINDS: dict[Parser, str] = {
+    _str: "a string", _int: "an integer", _float: "a number", _bool: "true or false",
+    _words: "a list of words (comma-separated)",
 }
-_BOT_PARSERS: dict[str, Callable[[str], Any]] = {
-    "name": str,
-    "token": str,
-    "aes_key": str,
-    "dify_url": str,
-    "dify_key": str,
-    "receive_id": str,
-    "placeholder": str,
-    "conversation_ttl": float,
+
+# Settings of Config read from the environment / TOML top level, with their parsers.
+_GLOBAL_PARSERS: dict[str, Parser] = {
+    "host": _str,
+    "port": _int,
+    "node_id": _str,
+    "redis_url": _str,
+    "mysql_url": _str,
+    "log_level": _str,
+    "log_content": _bool,
+    "dify_connect_timeout": _float,
+    "dify_idle_timeout": _float,
+    "dify_total_timeout": _float,
+    "http_max_clients": _int,
+    "lease": _float,
+    "stream_ttl": _float,
+    "msgid_ttl": _float,
+    "flush_interval": _float,
+    "flush_bytes": _int,
+    "max_body_bytes": _int,
+    "max_clock_skew": _float,
+    "shutdown_grace": _float,
+    "auth_url": _str,
+    "auth_timeout": _float,
+    "auth_code_field": _str,
+    "auth_secret_field": _str,
+    "auth_token_field": _str,
+    "auth_ttl_field": _str,
+    "auth_default_ttl": _float,
+    "secret_key": _str,
+    "token_cache_ttl": _float,
+    "token_cache_size": _int,
+    "media_hold_seconds": _float,
+    "media_max_bytes": _int,
+    "response_url_retries": _int,
+}
+_BOT_PARSERS: dict[str, Parser] = {
+    "name": _str,
+    "token": _str,
+    "aes_key": _str,
+    "dify_url": _str,
+    "dify_key": _str,
+    "receive_id": _str,
+    "placeholder": _str,
+    "conversation_ttl": _float,
+    "auth": _choice("open", "allowlist", "token"),
+    "auth_forward": _choice("header", "input"),
+    "auth_input_name": _str,
+    "denied_text": _str,
+    "group_scope": _choice("user", "chat"),
+    "think": _choice("show", "hide"),
+    "welcome": _str,
+    "new_words": _words,
+    "stop_words": _words,
+    "help_words": _words,
+    "help_text": _str,
 }
 # The environment's bot: LAIBAO_WECOM_TOKEN etc. map onto BotConfig fields.
 _ENV_BOT = {
@@ -114,6 +226,17 @@ _ENV_BOT = {
     "WECOM_RECEIVE_ID": "receive_id",
     "PLACEHOLDER": "placeholder",
     "CONVERSATION_TTL": "conversation_ttl",
+    "AUTH_MODE": "auth",
+    "AUTH_FORWARD": "auth_forward",
+    "AUTH_INPUT_NAME": "auth_input_name",
+    "DENIED_TEXT": "denied_text",
+    "GROUP_SCOPE": "group_scope",
+    "THINK": "think",
+    "WELCOME": "welcome",
+    "NEW_WORDS": "new_words",
+    "STOP_WORDS": "stop_words",
+    "HELP_WORDS": "help_words",
+    "HELP_TEXT": "help_text",
 }
 _BOT_REQUIRED = ("token", "aes_key", "dify_url", "dify_key")
 
@@ -220,7 +343,7 @@ def _build_bot(
             problems.append(f"{where}: unknown setting {key!r}")
     for name, parse in _BOT_PARSERS.items():
         raw = table.get(name)
-        if raw is None or (raw == "" and name != "name"):
+        if raw is None or (raw == "" and name not in ("name", "welcome", "help_text")):
             if name in _BOT_REQUIRED:
                 problems.append(f"{label(name)}: required")
             continue
@@ -258,7 +381,7 @@ def _check_globals(config: Config) -> list[str]:
         problems.append(f"port: must be 1-65535, got {config.port}")
     for f in fields(Config):
         value = getattr(config, f.name)
-        if f.name != "port" and isinstance(value, int | float) and value <= 0:
+        if f.name != "port" and isinstance(value, int | float) and not isinstance(value, bool) and value <= 0:
             problems.append(f"{f.name}: must be positive, got {value}")
     if config.redis_url and urlsplit(config.redis_url).scheme not in ("redis", "rediss", "unix"):
         problems.append("redis_url: must start with redis://, rediss:// or unix://")
@@ -266,9 +389,24 @@ def _check_globals(config: Config) -> list[str]:
         problems.append("mysql_url: must start with mysql://")
     if config.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         problems.append(f"log_level: must be DEBUG, INFO, WARNING or ERROR, got {config.log_level!r}")
+    if any(bot.auth == "token" for bot in config.bots) and not config.auth_url:
+        problems.append("auth_url: required when a bot uses auth = token (LAIBAO_AUTH_URL)")
+    if config.auth_url and urlsplit(config.auth_url).scheme not in ("http", "https"):
+        problems.append("auth_url: must be an http(s) URL")
+    if config.secret_key and secret_key_bytes(config.secret_key) is None:
+        problems.append("secret_key: must be base64 of 32 bytes (laibao gen-key prints one)")
     if config.lease < 3 * config.flush_interval:
         problems.append("lease: must be well above flush_interval")
     return problems
+
+
+def secret_key_bytes(key: str) -> bytes | None:
+    """The 32-byte AES-GCM key for secrets at rest, or None when ``key`` is not base64 of 32 bytes."""
+    try:
+        raw = base64.b64decode(key, validate=True)
+    except (binascii.Error, ValueError):
+        return None
+    return raw if len(raw) == 32 else None
 
 
 def _valid_aes_key(key: str) -> bool:
@@ -279,20 +417,12 @@ def _valid_aes_key(key: str) -> bool:
     return True
 
 
-def _coerce(parse: Callable[[str], Any], raw: Any) -> Any:
-    if parse is str:
-        if not isinstance(raw, str):
-            raise ValueError(raw)
-        return raw
-    if isinstance(raw, bool):
-        raise ValueError(raw)
+def _coerce(parse: Parser, raw: Any) -> Any:
     return parse(raw)
 
 
-def _kind(parse: Callable[[str], Any]) -> str:
-    if parse is int:
-        return "an integer"
-    return "a number" if parse is float else "a string"
+def _kind(parse: Parser) -> str:
+    return _KINDS.get(parse) or parse.__doc__ or "a value"
 
 
 def _shown(name: str, raw: Any) -> str:
