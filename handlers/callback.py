@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 
 import tornado.web
 
@@ -20,9 +21,17 @@ class CallbackHandler(BaseHandler):
     """Parse and verify the request, hand the callback to the bot's service, seal its reply."""
 
     def initialize(self) -> None:
-        """Reset the per-request body buffer."""
+        """Reset the per-request state."""
         self._body = bytearray()
         self._too_large = False
+        self._bot_key = "-"
+        self._kind = "invalid"  # until the callback is verified and parsed
+
+    def on_finish(self) -> None:
+        """Count the callback by kind and outcome."""
+        status = self.get_status()
+        outcome = "ok" if status < 400 else ("refused" if status < 500 else "error")
+        self.runtime.metrics.callbacks.labels(self._bot_key, self._kind, outcome).inc()
 
     def prepare(self) -> None:
         """Refuse an oversized body before reading it."""
@@ -43,7 +52,16 @@ class CallbackHandler(BaseHandler):
         bot = self.runtime.bots.get(name)
         if bot is None:
             raise tornado.web.HTTPError(404, "no bot named %r", name)
+        self._bot_key = bot.config.key
         return bot
+
+    def _check_timestamp(self, timestamp: str) -> None:
+        """Refuse callbacks stamped far from now: a captured request cannot be replayed days later."""
+        if not timestamp.isdigit():
+            raise tornado.web.HTTPError(400, "timestamp is not a number")
+        skew = abs(time.time() - int(timestamp))
+        if skew > self.runtime.config.max_clock_skew:
+            raise tornado.web.HTTPError(401, "timestamp %.0f s away from now", skew)
 
     def _params(self, *names: str) -> list[str]:
         values = [self.get_query_argument(name, "") for name in names]
@@ -59,6 +77,8 @@ class CallbackHandler(BaseHandler):
         """URL verification: answer with the decrypted echostr in plain text, nothing else."""
         bot = self._bot(name)
         signature, timestamp, nonce, echostr = self._params("msg_signature", "timestamp", "nonce", "echostr")
+        self._kind = "verify"
+        self._check_timestamp(timestamp)
         try:
             plaintext = bot.crypto.verify_url(signature, timestamp, nonce, echostr)
         except CryptoError as exc:
@@ -72,9 +92,11 @@ class CallbackHandler(BaseHandler):
             raise tornado.web.HTTPError(413, "chunked callback body over the limit")
         bot = self._bot(name)
         signature, timestamp, nonce = self._params("msg_signature", "timestamp", "nonce")
+        self._check_timestamp(timestamp)
         try:
             payload = bot.crypto.open_callback(signature, timestamp, nonce, bytes(self._body))
             callback = parse_callback(payload)
+            self._kind = callback.event_type or callback.msgtype if callback.msgtype == "event" else callback.msgtype
         except CryptoError as exc:
             raise self._refuse(exc, bot) from exc
         except CallbackError as exc:

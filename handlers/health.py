@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from prometheus_client import CONTENT_TYPE_LATEST
+
 from handlers.base import BaseHandler
 
 
@@ -26,3 +28,12 @@ class ReadyHandler(BaseHandler):
             self.finish("".join(f"{part}: {why}\n" for part, why in failures.items()))
         else:
             self.finish("ready\n")
+
+
+class MetricsHandler(BaseHandler):
+    """GET /metrics: Prometheus text exposition."""
+
+    def get(self) -> None:
+        """Render this process's registry."""
+        self.set_header("Content-Type", CONTENT_TYPE_LATEST)
+        self.finish(self.runtime.metrics.render())

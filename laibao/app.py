@@ -10,13 +10,11 @@ import tornado.httpserver
 import tornado.web
 
 from handlers.callback import CallbackHandler
-from handlers.health import HealthHandler, ReadyHandler
+from handlers.health import HealthHandler, MetricsHandler, ReadyHandler
 from laibao.config import Config
 from laibao.runtime import Runtime
 
 log = logging.getLogger("laibao.app")
-
-SHUTDOWN_GRACE = 20.0
 
 
 def make_app(runtime: Runtime) -> tornado.web.Application:
@@ -27,6 +25,7 @@ def make_app(runtime: Runtime) -> tornado.web.Application:
             (r"/wecom/callback/([A-Za-z0-9_-]{1,64})", CallbackHandler),
             (r"/healthz", HealthHandler),
             (r"/readyz", ReadyHandler),
+            (r"/metrics", MetricsHandler),
         ],
         runtime=runtime,
         # Error pages are plain text from BaseHandler.write_error; no tracebacks, even in debug.
@@ -57,8 +56,10 @@ async def serve(config: Config) -> None:
     log.info("laibao %s listening on %s:%d, bots at %s, store %s", config.node, config.host, config.port,
              bots, "redis" if config.redis_url else "in-process")
     await stop.wait()
-    log.info("stopping: no new connections; %d relays running", len(runtime.tasks))
+    log.info("stopping: no new connections; %d relays get %.0f s to finish", len(runtime.tasks),
+             config.shutdown_grace)
+    runtime.tasks.draining = True  # /readyz turns 503 at once; new messages are left for other processes
     server.stop()
-    await runtime.close(grace=SHUTDOWN_GRACE)
+    await runtime.close(grace=config.shutdown_grace)
     await server.close_all_connections()
     log.info("stopped")

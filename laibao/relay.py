@@ -12,6 +12,7 @@ import contextlib
 import logging
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -20,6 +21,7 @@ from laibao import texts
 from laibao.config import BotConfig, Config
 from laibao.dify import DifyClient
 from laibao.errors import DifyError, DifyHTTPError, StoreError
+from laibao.metrics import Metrics
 from laibao.sse import MessageDelta, MessageEnd, MessageReplace
 from laibao.wecom import Callback, stream_reply, text_reply
 from stores.base import DONE, ERROR, Stores, StreamSession, StreamStore
@@ -30,6 +32,7 @@ log = logging.getLogger("laibao.relay")
 STREAM_WINDOW = 360.0
 CONVERSATION_GONE = "Conversation Not Exists"
 WELCOME = "你好，我是 AI 助手，直接发消息提问即可。"
+SHOWN_CACHE_SIZE = 10000
 
 
 @dataclass(frozen=True)
@@ -42,6 +45,7 @@ class RelaySettings:
     msgid_ttl: float = 3600.0
     flush_interval: float = 0.1
     flush_bytes: int = 1024
+    log_content: bool = False
 
     @classmethod
     def from_config(cls, config: Config) -> RelaySettings:
@@ -53,6 +57,7 @@ class RelaySettings:
             msgid_ttl=config.msgid_ttl,
             flush_interval=config.flush_interval,
             flush_bytes=config.flush_bytes,
+            log_content=config.log_content,
         )
 
 
@@ -65,6 +70,7 @@ class RelayTasks:
 
     def __init__(self) -> None:
         self._tasks: set[asyncio.Task[None]] = set()
+        self.draining = False  # set on SIGTERM: no new relays start on this process
 
     def spawn(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
         """Run ``coro`` in the background and keep a reference until it ends."""
@@ -78,6 +84,7 @@ class RelayTasks:
 
     async def drain(self, grace: float) -> int:
         """Wait up to ``grace`` seconds for running relays; cancel the rest and return how many."""
+        self.draining = True
         if self._tasks:
             await asyncio.wait(set(self._tasks), timeout=grace)
         left = set(self._tasks)
@@ -116,6 +123,7 @@ class ChunkWriter:
         self._later: asyncio.Task[None] | None = None
         self._failure: BaseException | None = None
         self.wrote = False  # some answer text reached the store
+        self.first_text_at: float | None = None  # monotonic time of the first text in the store
         self.writes = 0
 
     @property
@@ -144,7 +152,7 @@ class ChunkWriter:
     async def _background_flush(self) -> None:
         try:
             await self.flush()
-        except (StoreError, OwnershipLost) as exc:
+        except OwnershipLost as exc:
             # Raised to the relay at its next add() or finish().
             self._failure = exc
 
@@ -154,15 +162,25 @@ class ChunkWriter:
             self._timer = None
 
     async def flush(self) -> None:
-        """Write whatever is pending as one chunk."""
+        """Write whatever is pending as one chunk; on a store outage keep it pending and retry later."""
         async with self._lock:
             self._cancel_timer()
             if not self._pending:
                 return
-            text = "".join(self._pending)
-            self._pending.clear()
-            self._pending_bytes = 0
-            await self._write(text)
+            taken = len(self._pending)
+            text = "".join(self._pending[:taken])
+            try:
+                await self._write(text)
+            except StoreError as exc:
+                # Keep the text: it goes out with the next flush once the store is back.
+                self._last_flush = time.monotonic()
+                if self._timer is None:
+                    self._timer = asyncio.get_running_loop().call_later(self._interval * 10, self._flush_later)
+                log.warning("stream %s: store write failed, text kept for retry: %s", self._sid, exc)
+                return
+            # Deltas added while the write was in flight stay pending.
+            del self._pending[:taken]
+            self._pending_bytes = sum(len(t.encode("utf-8")) for t in self._pending)
 
     async def _write(self, text: str) -> None:
         if self._replace_next:
@@ -175,6 +193,8 @@ class ChunkWriter:
         if not ok:
             raise OwnershipLost(self._sid)
         self.wrote = True
+        if self.first_text_at is None:
+            self.first_text_at = time.monotonic()
 
     async def replace(self, text: str) -> None:
         """Make ``text`` the whole answer (Dify's message_replace)."""
@@ -185,17 +205,34 @@ class ChunkWriter:
             self._replace_next = True
             await self._write(text)
 
-    async def finish(self, status: str, tail: str, fields: Mapping[str, str]) -> None:
-        """Write what is pending plus ``tail`` and mark the session ``status``, in one store call."""
+    async def finish(
+        self, status: str, tail: str, fields: Mapping[str, str], retry_for: float = 60.0
+    ) -> None:
+        """Write what is pending plus ``tail`` and mark the session ``status``, in one store call.
+
+        A store outage is retried with backoff for up to ``retry_for`` seconds, so a short Redis
+        restart loses no answer.
+        """
         async with self._lock:
             self._cancel_timer()
-            text = "".join(self._pending) + tail
-            self._pending.clear()
+            taken = len(self._pending)
+            text = "".join(self._pending[:taken]) + tail
+            give_up = time.monotonic() + retry_for
+            pause = 0.2
+            while True:
+                try:
+                    if self._replace_next and text:
+                        await self._write(text)
+                        text = ""
+                    ok = await self._streams.finish(self._sid, self._owner, status, text, fields, self._clock())
+                    break
+                except StoreError:
+                    if time.monotonic() + pause > give_up:
+                        raise
+                    await asyncio.sleep(pause)
+                    pause = min(pause * 2, 5.0)
+            del self._pending[:taken]
             self._pending_bytes = 0
-            if self._replace_next and text:
-                await self._write(text)
-                text = ""
-            ok = await self._streams.finish(self._sid, self._owner, status, text, fields, self._clock())
             self.writes += 1
             if not ok:
                 raise OwnershipLost(self._sid)
@@ -217,6 +254,7 @@ class BotService:
         dify: DifyClient,
         settings: RelaySettings,
         tasks: RelayTasks,
+        metrics: Metrics,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.bot = bot
@@ -224,7 +262,10 @@ class BotService:
         self.dify = dify
         self.settings = settings
         self.tasks = tasks
+        self.metrics = metrics
         self.clock = clock
+        # The last content each stream showed, so a poll during a store outage never shows less.
+        self._shown: OrderedDict[str, str] = OrderedDict()
 
     async def on_callback(self, callback: Callback) -> dict[str, Any] | None:
         """The plaintext reply to one callback, or None for an empty HTTP 200."""
@@ -236,10 +277,13 @@ class BotService:
             if callback.msgtype == "event":
                 return text_reply(WELCOME) if callback.event_type == "enter_chat" else None
         except StoreError as exc:
+            self.metrics.store_errors.inc()
             log.error("bot %s: store unavailable while handling %s: %s", self.bot.key, callback.msgtype, exc)
-            sid = callback.stream_id or _new_id()
-            # A poll keeps WeCom polling (the answer may still arrive); a new message is closed at once.
-            return stream_reply(sid, texts.BUSY, finish=callback.msgtype != "stream")
+            if callback.msgtype == "stream":
+                # Keep WeCom polling with what it already showed: the answer may still arrive.
+                shown = self._shown.get(callback.stream_id) or self.bot.placeholder
+                return stream_reply(callback.stream_id, shown, finish=False)
+            return stream_reply(_new_id(), texts.BUSY, finish=True)
         # image, mixed, file, video: not relayed yet; close the stream politely.
         return stream_reply(_new_id(), texts.UNSUPPORTED, finish=True)
 
@@ -255,6 +299,7 @@ class BotService:
             log.info("bot %s: duplicate msgid, stream %s", self.bot.key, winner)
             return await self.refresh(winner, duplicate=True)
         now = self.clock()
+        draining = self.tasks.draining
         session = StreamSession(
             sid=sid,
             bot=self.bot.key,
@@ -263,14 +308,19 @@ class BotService:
             query=query,
             scope=f"{callback.chatid}/{callback.userid}" if callback.is_group else callback.userid,
             response_url=callback.response_url,
-            owner=self.settings.node,
+            # A draining process records the message unowned: the first poll elsewhere takes it.
+            owner="" if draining else self.settings.node,
             created=now,
             deadline=now + STREAM_WINDOW,
-            heartbeat=now,
+            heartbeat=0.0 if draining else now,
         )
         await self.stores.streams.create(session, self.settings.stream_ttl)
-        self.tasks.spawn(self.relay(session), name=f"relay-{sid}")
-        log.info("bot %s: stream %s started for a %s chat", self.bot.key, sid, callback.chattype)
+        if not draining:
+            self.tasks.spawn(self.relay(session), name=f"relay-{sid}")
+        if self.settings.log_content:
+            log.info("bot %s: stream %s for %s: %s", self.bot.key, sid, callback.userid, query)
+        else:
+            log.info("bot %s: stream %s started for a %s chat", self.bot.key, sid, callback.chattype)
         return stream_reply(sid, self.bot.placeholder, finish=False, feedback_id=sid)
 
     async def refresh(self, sid: str, duplicate: bool = False) -> dict[str, Any]:
@@ -281,21 +331,33 @@ class BotService:
                 # The first delivery is being set up on another process right now.
                 return stream_reply(sid, self.bot.placeholder, finish=False)
             return stream_reply(sid, texts.EXPIRED, finish=True)
-        if not snapshot.finished and self._orphaned(snapshot.owner, snapshot.heartbeat):
-            await self._take_over(sid)
-        return stream_reply(sid, snapshot.content or self.bot.placeholder, finish=snapshot.finished)
+        if not snapshot.finished and not self.tasks.draining and self._orphaned(snapshot.owner, snapshot.heartbeat):
+            await self._take_over(sid, snapshot.owner)
+        content = snapshot.content or self.bot.placeholder
+        self._remember(sid, content, snapshot.finished)
+        return stream_reply(sid, content, finish=snapshot.finished)
+
+    def _remember(self, sid: str, content: str, finished: bool) -> None:
+        if finished:
+            self._shown.pop(sid, None)
+            return
+        self._shown[sid] = content
+        self._shown.move_to_end(sid)
+        while len(self._shown) > SHOWN_CACHE_SIZE:
+            self._shown.popitem(last=False)
 
     def _orphaned(self, owner: str, heartbeat: float) -> bool:
         return owner == "" or self.clock() - heartbeat > self.settings.lease
 
-    async def _take_over(self, sid: str) -> None:
-        """Adopt a session whose relay died (stale heartbeat); one process wins."""
+    async def _take_over(self, sid: str, previous_owner: str) -> None:
+        """Adopt a session whose relay died (stale heartbeat) or was released; one process wins."""
         if not await self.stores.streams.take_over(sid, self.settings.node, self.clock(), self.settings.lease):
             return
         session = await self.stores.streams.get(sid)
         if session is None:
             return
-        log.warning("bot %s: took over stream %s from %s", self.bot.key, sid, session.owner or "(released)")
+        self.metrics.takeovers.labels(self.bot.key).inc()
+        log.warning("bot %s: took over stream %s from %s", self.bot.key, sid, previous_owner or "(released)")
         self.tasks.spawn(self.relay(session, takeover=True), name=f"relay-{sid}")
 
     def dify_user(self, session: StreamSession) -> str:
@@ -304,9 +366,8 @@ class BotService:
 
     async def relay(self, session: StreamSession, takeover: bool = False) -> None:
         """Stream Dify's answer for ``session`` into the store until it is done or failed."""
-        streams = self.stores.streams
         writer = ChunkWriter(
-            streams,
+            self.stores.streams,
             session.sid,
             self.settings.node,
             self.settings.flush_interval,
@@ -316,6 +377,7 @@ class BotService:
         )
         beat = asyncio.get_running_loop().create_task(self._keep_alive(session.sid))
         started = time.monotonic()
+        self.metrics.active.inc()
         try:
             end = await self._ask_dify(session, writer)
             fields = {"conversation_id": end.conversation_id, "message_id": end.message_id,
@@ -325,21 +387,39 @@ class BotService:
                 await self.stores.conversations.set(
                     self.bot.key, session.scope, end.conversation_id, self.bot.conversation_ttl
                 )
+            self.metrics.answer.observe(time.monotonic() - started)
             log.info("stream %s done in %.2f s (%d writes)", session.sid, time.monotonic() - started,
                      writer.writes)
         except OwnershipLost:
             log.warning("stream %s: another process owns it now; this relay stops", session.sid)
         except DifyError as exc:
+            self.metrics.dify_errors.labels(self.bot.key, _error_code(exc)).inc()
             log.warning("stream %s: Dify failed: %s", session.sid, exc)
             await self._fail(writer, session, texts.explain(exc))
         except StoreError as exc:
-            log.error("stream %s: store failed, answer lost on this process: %s", session.sid, exc)
+            self.metrics.store_errors.inc()
+            log.error("stream %s: store failed; another process takes it over after the lease: %s",
+                      session.sid, exc)
+        except asyncio.CancelledError:
+            # Shutdown after the grace period: hand the session over at once instead of after the lease.
+            await asyncio.shield(self._release(session.sid))
+            raise
         except Exception:
             log.exception("stream %s: relay crashed", session.sid)
             await self._fail(writer, session, texts.GENERIC_ERROR)
         finally:
+            self.metrics.active.dec()
+            if writer.first_text_at is not None:
+                self.metrics.first_content.observe(writer.first_text_at - started)
             beat.cancel()
             await writer.close()
+
+    async def _release(self, sid: str) -> None:
+        try:
+            if await self.stores.streams.release(sid, self.settings.node):
+                log.warning("stream %s released for another process to finish", sid)
+        except StoreError as exc:
+            log.error("stream %s: could not release (taken over after the lease): %s", sid, exc)
 
     async def _fail(self, writer: ChunkWriter, session: StreamSession, message: str) -> None:
         """End the stream with a short explanation after whatever was already shown."""
@@ -387,6 +467,14 @@ class BotService:
                     return
             except StoreError as exc:
                 log.warning("stream %s: heartbeat failed: %s", sid, exc)
+
+
+def _error_code(exc: DifyError) -> str:
+    """A bounded label for the Dify error metric."""
+    code = getattr(exc, "code", "") or ""
+    if code:
+        return str(code)[:40]
+    return type(exc).__name__
 
 
 def _new_id() -> str:

@@ -11,6 +11,7 @@ from laibao.config import BotConfig, Config
 from laibao.crypto import WeComCrypto
 from laibao.dify import DifyClient
 from laibao.errors import StoreError
+from laibao.metrics import Metrics
 from laibao.relay import BotService, RelaySettings, RelayTasks
 from stores import Stores, open_stores
 
@@ -34,6 +35,7 @@ class Runtime:
         self.stores = stores
         self.http = http
         self.tasks = RelayTasks()
+        self.metrics = Metrics()
         settings = RelaySettings.from_config(config)
         self.bots: dict[str, BotRuntime] = {}
         for bot in config.bots:
@@ -46,7 +48,7 @@ class Runtime:
                 total_timeout=config.dify_total_timeout,
             )
             crypto = WeComCrypto(bot.token, bot.aes_key, bot.receive_id)
-            service = BotService(bot, stores, dify, settings, self.tasks)
+            service = BotService(bot, stores, dify, settings, self.tasks, self.metrics)
             self.bots[bot.name] = BotRuntime(bot, crypto, service)
 
     @classmethod
@@ -56,9 +58,16 @@ class Runtime:
         http = AsyncHTTPClient(force_instance=True, max_clients=config.http_max_clients)
         return cls(config, open_stores(config.redis_url or None), http)
 
+    @property
+    def draining(self) -> bool:
+        """True once shutdown started: the load balancer should stop sending traffic here."""
+        return self.tasks.draining
+
     async def readiness(self) -> dict[str, str]:
         """The backends that do not answer, each with a short reason (empty when ready)."""
         failures: dict[str, str] = {}
+        if self.draining:
+            failures["process"] = "draining (shutting down)"
         try:
             await self.stores.ping()
         except StoreError as exc:
