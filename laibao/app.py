@@ -56,10 +56,13 @@ async def serve(config: Config) -> None:
     log.info("laibao %s listening on %s:%d, bots at %s, store %s", config.node, config.host, config.port,
              bots, "redis" if config.redis_url else "in-process")
     await stop.wait()
-    log.info("stopping: no new connections; %d relays get %.0f s to finish", len(runtime.tasks),
-             config.shutdown_grace)
-    runtime.tasks.draining = True  # /readyz turns 503 at once; new messages are left for other processes
+    log.info("draining: %d relays get %.0f s to finish", len(runtime.tasks), config.shutdown_grace)
+    # From here /readyz answers 503, so the load balancer stops sending traffic, while polls that still
+    # arrive are answered; new messages are recorded unowned and taken by the first other process polled.
+    runtime.tasks.draining = True
+    released = await runtime.tasks.drain(config.shutdown_grace)
     server.stop()
-    await runtime.close(grace=config.shutdown_grace)
+    log.info("stopped accepting; %d unfinished relays released to other processes", released)
+    await runtime.close()
     await server.close_all_connections()
     log.info("stopped")

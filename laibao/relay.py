@@ -234,6 +234,8 @@ class ChunkWriter:
             del self._pending[:taken]
             self._pending_bytes = 0
             self.writes += 1
+            if text and status == DONE and self.first_text_at is None:
+                self.first_text_at = time.monotonic()
             if not ok:
                 raise OwnershipLost(self._sid)
 

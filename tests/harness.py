@@ -8,15 +8,23 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
+import redis.asyncio
+import tornado.httpserver
 from tornado.httpclient import AsyncHTTPClient, HTTPResponse
+from tornado.ioloop import IOLoop
 
+from laibao.app import make_app
+from laibao.config import Config, load_config
 from laibao.crypto import WeComCrypto, generate_aes_key, generate_token
+from laibao.runtime import Runtime
+from tests.difystub import DifyStub
 from tests.servers import free_port
 
 TOKEN = generate_token()
@@ -135,7 +143,8 @@ class LaibaoProcess:
 
     def log(self) -> str:
         """What the process wrote so far."""
-        self._log.flush()
+        if not self._log.closed:
+            self._log.flush()
         return self.log_path.read_text(errors="replace")
 
     def signal(self, sig: signal.Signals) -> None:
@@ -149,3 +158,110 @@ class LaibaoProcess:
             self.proc.kill()
         self.proc.wait(timeout=10)
         self._log.close()
+
+
+SECRETS = (TOKEN, AES_KEY, "app-test-key")
+
+
+def assert_no_secrets(text: str, *also: str) -> None:
+    """Fail if a log holds the bot's Token, EncodingAESKey, the Dify key or any of ``also``."""
+    for secret in (*SECRETS, *also):
+        assert secret not in text, f"a secret or message text leaked into the log: {secret[:4]}..."
+
+
+@dataclass
+class Cluster:
+    """A Dify stand-in in the test process and two `laibao serve` processes sharing one Redis."""
+
+    dify: DifyStub
+    a: LaibaoProcess
+    b: LaibaoProcess
+    http: AsyncHTTPClient
+
+    def wecom(self, proc: LaibaoProcess) -> WeCom:
+        """A WeCom player aimed at one of the processes."""
+        return WeCom(self.http, proc.base_url)
+
+
+@contextmanager
+def running_cluster(io_loop: IOLoop, redis_url: str, workdir: Path, **env: str) -> Iterator[Cluster]:
+    """Start the stand-in and two processes (extra ``LAIBAO_*`` settings in ``env``); stop them after."""
+    dify = DifyStub()
+    io_loop.run_sync(dify.start)
+    settings = {"LAIBAO_REDIS_URL": redis_url, "LAIBAO_DIFY_URL": dify.base_url, "LAIBAO_DIFY_KEY": "app-test-key",
+                **env}
+    http = AsyncHTTPClient(force_instance=True)
+    cluster = Cluster(dify, LaibaoProcess(workdir, "node-a", settings), LaibaoProcess(workdir, "node-b", settings),
+                      http)
+    try:
+        io_loop.run_sync(lambda: asyncio.gather(cluster.a.ready(http), cluster.b.ready(http)))
+        yield cluster
+    finally:
+        for proc in (cluster.a, cluster.b):
+            proc.close()
+        http.close()
+        io_loop.run_sync(dify.stop)
+
+
+@dataclass
+class Service:
+    """One in-process laibao with its Dify stand-in."""
+
+    dify: DifyStub
+    runtime: Runtime
+    wecom: WeCom
+    redis_url: str
+
+    async def keys(self) -> list[str]:
+        """Every Redis key laibao wrote (empty for the in-process store)."""
+        if not self.redis_url:
+            return []
+        client = redis.asyncio.Redis.from_url(self.redis_url, decode_responses=True)
+        try:
+            return sorted(await client.keys("*"))
+        finally:
+            await client.aclose()
+
+
+def service_config(dify_url: str, redis_url: str, **overrides: object) -> Config:
+    env = {
+        "LAIBAO_WECOM_TOKEN": TOKEN,
+        "LAIBAO_WECOM_AES_KEY": AES_KEY,
+        "LAIBAO_DIFY_URL": dify_url,
+        "LAIBAO_DIFY_KEY": "app-test-key",
+        "LAIBAO_REDIS_URL": redis_url,
+        "LAIBAO_NODE_ID": "test-node",
+        "LAIBAO_DIFY_IDLE_TIMEOUT": "1.5",
+        "LAIBAO_DIFY_CONNECT_TIMEOUT": "2",
+    }
+    env.update({f"LAIBAO_{k.upper()}": str(v) for k, v in overrides.items()})
+    return load_config(environ=env, dotenv=None)
+
+
+@contextmanager
+def running_service(io_loop: IOLoop, redis_url: str, **overrides: object) -> Iterator[Service]:
+    """laibao in this process (in-process store when ``redis_url`` is empty) with a fresh Dify stand-in."""
+    port = free_port()
+
+    async def start() -> tuple[Service, tornado.httpserver.HTTPServer]:
+        dify = DifyStub()
+        await dify.start()
+        runtime = Runtime.build(service_config(dify.base_url, redis_url, **overrides))
+        server = tornado.httpserver.HTTPServer(make_app(runtime), max_body_size=8 << 20)
+        server.listen(port, address="127.0.0.1")
+        http = AsyncHTTPClient(force_instance=True)
+        return Service(dify, runtime, WeCom(http, f"http://127.0.0.1:{port}"), redis_url), server
+
+    svc, server = io_loop.run_sync(start)
+
+    async def stop() -> None:
+        svc.wecom.http.close()
+        server.stop()
+        await svc.runtime.close(grace=5)
+        await server.close_all_connections()
+        await svc.dify.stop()
+
+    try:
+        yield svc
+    finally:
+        io_loop.run_sync(stop)

@@ -56,7 +56,13 @@ class RedisServer:
         )
         wait_for_port(self.port, proc=self.proc)
 
-    def stop(self) -> None:
+    def stop(self, save: bool = False) -> None:
+        """Stop the server; ``save`` writes its data first, so a restart finds it (a persistent Redis)."""
+        if save and self.proc is not None and self.proc.poll() is None:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=5) as sock:
+                sock.sendall(b"*2\r\n$8\r\nSHUTDOWN\r\n$4\r\nSAVE\r\n")
+                sock.recv(64)  # the server closes the connection once the data is saved
+            self.proc.wait(timeout=10)
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
             self.proc.wait(timeout=10)

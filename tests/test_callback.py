@@ -7,88 +7,29 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from urllib.parse import urlencode
 
 import pytest
 import redis.asyncio
-import tornado.httpserver
-from tornado.httpclient import AsyncHTTPClient
 from tornado.ioloop import IOLoop
 
 from laibao import texts
-from laibao.app import make_app
-from laibao.config import Config, load_config
-from laibao.runtime import Runtime
-from tests.difystub import DifyStub, Script
-from tests.harness import AES_KEY, CRYPTO, TOKEN, WeCom, follow, message, refresh
+from tests.difystub import Script
+from tests.harness import CRYPTO, Service, WeCom, assert_no_secrets, follow, message, refresh, running_service
 from tests.servers import free_port
 
 ANSWER = "你好！这是一个比较长的回答，🙂 包含多字节字符，" * 20 + "The end."
-
-
-@dataclass
-class Service:
-    """One in-process laibao with its Dify stand-in."""
-
-    dify: DifyStub
-    runtime: Runtime
-    wecom: WeCom
-    redis_url: str
-
-    async def keys(self) -> list[str]:
-        """Every Redis key laibao wrote (empty for the in-process store)."""
-        if not self.redis_url:
-            return []
-        client = redis.asyncio.Redis.from_url(self.redis_url, decode_responses=True)
-        try:
-            return sorted(await client.keys("*"))
-        finally:
-            await client.aclose()
-
-
-def service_config(dify_url: str, redis_url: str, **overrides: object) -> Config:
-    env = {
-        "LAIBAO_WECOM_TOKEN": TOKEN,
-        "LAIBAO_WECOM_AES_KEY": AES_KEY,
-        "LAIBAO_DIFY_URL": dify_url,
-        "LAIBAO_DIFY_KEY": "app-test-key",
-        "LAIBAO_REDIS_URL": redis_url,
-        "LAIBAO_NODE_ID": "test-node",
-        "LAIBAO_DIFY_IDLE_TIMEOUT": "1.5",
-        "LAIBAO_DIFY_CONNECT_TIMEOUT": "2",
-    }
-    env.update({f"LAIBAO_{k.upper()}": str(v) for k, v in overrides.items()})
-    return load_config(environ=env, dotenv=None)
 
 
 @pytest.fixture(params=["memory", "redis"])
 def service(request: pytest.FixtureRequest, io_loop: IOLoop) -> Iterator[Service]:
     """laibao on the in-process store or on real Redis, with a fresh Dify stand-in."""
     redis_url = request.getfixturevalue("redis_url") if request.param == "redis" else ""
-    port = free_port()
-
-    async def start() -> tuple[Service, tornado.httpserver.HTTPServer]:
-        dify = DifyStub()
-        await dify.start()
-        runtime = Runtime.build(service_config(dify.base_url, redis_url))
-        server = tornado.httpserver.HTTPServer(make_app(runtime), max_body_size=8 << 20)
-        server.listen(port, address="127.0.0.1")
-        http = AsyncHTTPClient(force_instance=True)
-        return Service(dify, runtime, WeCom(http, f"http://127.0.0.1:{port}"), redis_url), server
-
-    svc, server = io_loop.run_sync(start)
-
-    async def stop() -> None:
-        svc.wecom.http.close()
-        server.stop()
-        await svc.runtime.close(grace=5)
-        await server.close_all_connections()
-        await svc.dify.stop()
-
-    yield svc
-    io_loop.run_sync(stop)
+    with running_service(io_loop, redis_url) as svc:
+        yield svc
 
 
 async def ask(svc: Service, text: str = "你好", **extra: object) -> tuple[dict[str, object], list[dict[str, object]]]:
@@ -216,8 +157,12 @@ async def test_message_replace_replaces_the_answer(service: Service) -> None:
                                               "message": "model failed"}),
          "部分回答\n\n" + texts.DIFY_MODEL_ERROR),
         (Script(answer="卡住了", deltas=["卡住", "了"], stall_after=1), "卡住\n\n" + texts.DIFY_TIMEOUT),
+        (Script(first_byte_delay=4.0), texts.DIFY_TIMEOUT),
+        (Script(answer="坏帧之前", deltas=["坏帧之前"], malformed=True), "坏帧之前\n\n" + texts.DIFY_INTERRUPTED),
+        (Script(http_status=503, error_body=b""), texts.DIFY_SERVER_ERROR),
     ],
-    ids=["quota", "429-not-json", "502-html", "401", "eof", "error-event", "idle-stall"],
+    ids=["quota", "429-not-json", "502-html", "401", "eof", "error-event", "idle-stall", "slow-first-byte",
+         "malformed-sse", "503-empty"],
 )
 @pytest.mark.gen_test(timeout=30)
 async def test_dify_failures_end_the_stream_with_a_short_explanation(
@@ -314,3 +259,47 @@ async def test_health_and_readiness(service: Service, request: pytest.FixtureReq
         finally:
             server.start()
         assert (await http.fetch(base + "/readyz", raise_error=False)).code == 200
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_stale_timestamps_are_refused(service: Service) -> None:
+    stale = str(int(time.time()) - 3600)
+    params, body = CRYPTO.seal_callback(message("一小时前的请求", msgid="old-1"), timestamp=stale)
+    assert (await service.wecom.raw(params, body)).code == 401
+    future = str(int(time.time()) + 3600)
+    params, body = CRYPTO.seal_callback(message("来自未来", msgid="old-2"), timestamp=future)
+    assert (await service.wecom.raw(params, body)).code == 401
+    echo = CRYPTO.seal_echostr("123", timestamp=stale)
+    assert (await service.wecom.raw(echo, None, method="GET")).code == 401
+    assert service.dify.requests == [] and await service.keys() == []
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_metrics_count_what_happened(service: Service) -> None:
+    await ask(service, "统计一下")
+    await service.wecom.raw({"msg_signature": "x", "timestamp": str(int(time.time())), "nonce": "n"}, b"{}")
+    service.dify.push(Script(http_status=400, error_body=json.dumps(
+        {"code": "provider_quota_exceeded", "message": "quota", "status": 400}).encode()))
+    await ask(service, "额度")
+    body = (await service.wecom.http.fetch(service.wecom.base_url + "/metrics")).body.decode()
+    samples = dict(line.rsplit(" ", 1) for line in body.splitlines() if line and not line.startswith("#"))
+    assert samples['laibao_callbacks_total{bot="default",kind="text",outcome="ok"}'] == "2.0"
+    assert float(samples['laibao_callbacks_total{bot="default",kind="stream",outcome="ok"}']) >= 2
+    assert samples['laibao_callbacks_total{bot="default",kind="invalid",outcome="refused"}'] == "1.0"
+    assert samples['laibao_dify_errors_total{bot="default",code="provider_quota_exceeded"}'] == "1.0"
+    assert samples["laibao_answer_seconds_count"] == "1.0"
+    assert samples["laibao_first_content_seconds_count"] == "1.0"
+    assert samples["laibao_active_relays"] == "0.0"
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_logs_carry_no_secrets_or_message_text(service: Service, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    await ask(service, "机密问题：工资是多少")
+    service.dify.push(Script(http_status=401))
+    await ask(service, "第二个机密问题")
+    params, body = CRYPTO.seal_callback(message("伪造的请求"))
+    await service.wecom.raw(dict(params, msg_signature="0" * 40), body)
+    logged = "\n".join(record.getMessage() for record in caplog.records)
+    assert "stream" in logged  # the scenario did log
+    assert_no_secrets(logged, "机密问题", "工资", "第二个机密问题", "伪造的请求", Script().answer)

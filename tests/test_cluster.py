@@ -7,47 +7,25 @@ import os
 import subprocess
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from tornado.httpclient import AsyncHTTPClient
 from tornado.ioloop import IOLoop
 
-from tests.difystub import DifyStub, Script
-from tests.harness import AES_KEY, TOKEN, LaibaoProcess, WeCom, follow, message, refresh
+from tests.difystub import Script
+from tests.harness import AES_KEY, TOKEN, Cluster, assert_no_secrets, follow, message, refresh, running_cluster
 
 ANSWER = "分布式的回答：第一段，" + "内容🙂" * 300 + "。第二段 ends here."
-
-
-@dataclass
-class Cluster:
-    dify: DifyStub
-    a: LaibaoProcess
-    b: LaibaoProcess
-    http: AsyncHTTPClient
-
-    def wecom(self, proc: LaibaoProcess) -> WeCom:
-        return WeCom(self.http, proc.base_url)
 
 
 @pytest.fixture
 def cluster(io_loop: IOLoop, redis_url: str, tmp_path: Path) -> Iterator[Cluster]:
     """A Dify stand-in in this process and two laibao processes sharing Redis."""
-
-    dify = DifyStub()
-    io_loop.run_sync(dify.start)
-    env = {"LAIBAO_REDIS_URL": redis_url, "LAIBAO_DIFY_URL": dify.base_url, "LAIBAO_DIFY_KEY": "app-test-key"}
-    http = AsyncHTTPClient(force_instance=True)
-    cluster = Cluster(dify, LaibaoProcess(tmp_path, "node-a", env), LaibaoProcess(tmp_path, "node-b", env), http)
-    try:
-        io_loop.run_sync(lambda: asyncio.gather(cluster.a.ready(http), cluster.b.ready(http)))
+    with running_cluster(io_loop, redis_url, tmp_path) as cluster:
         yield cluster
-    finally:
-        for proc in (cluster.a, cluster.b):
-            proc.close()
-        http.close()
-        io_loop.run_sync(dify.stop)
+    # What the processes logged across the scenario: no key, token, or message text.
+    for proc in (cluster.a, cluster.b):
+        assert_no_secrets(proc.log(), "请分两段回答", "重复投递到两个进程")
 
 
 @pytest.mark.slow
