@@ -90,6 +90,10 @@ class StreamStore(Protocol):
         """Record that the owner is alive; False if missing, not owned or over."""
         ...
 
+    async def annotate(self, sid: str, fields: Mapping[str, str]) -> bool:
+        """Set Dify ids or extras on an existing session, whoever owns it; False if it is missing."""
+        ...
+
     async def poll(self, sid: str) -> Snapshot | None:
         """Read everything in one round trip, marking the chunks read; None if unknown or expired."""
         ...

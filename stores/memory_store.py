@@ -235,6 +235,18 @@ class MemoryStreamStore:
         self._sessions.touch(sid, s.ttl)
         return True
 
+    async def annotate(self, sid: str, fields: Mapping[str, str]) -> bool:
+        """Set Dify ids or extras on an existing session, whoever owns it; False if it is missing."""
+        s = self._sessions.get(sid)
+        if s is None:
+            return False
+        for name, value in fields.items():
+            if name in DIFY_FIELDS:
+                setattr(s, name, value)
+            else:
+                s.extra[name] = value
+        return True
+
     async def heartbeat(self, sid: str, owner: str, now: float) -> bool:
         """Record that the owner is alive; False if missing, not owned or over."""
         s = self._owned(sid, owner)

@@ -202,6 +202,15 @@ if (h[1] == 'done' or h[1] == 'error') and fin == 0 then redis.call('HSET', KEYS
 return {h[1], table.concat(parts), n, count, h[3] or '', h[4] or '0', h[5] or '0', fin}
 """
 
+ANNOTATE_LUA = """
+-- KEYS[1] stream key
+-- ARGV field name / value pairs (Dify ids, or extras already named "x:...")
+-- returns 1 if the fields were set, 0 if the session is missing (nothing is created)
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[1], unpack(ARGV))
+return 1
+"""
+
 GET_LUA = """
 -- KEYS[1] stream key
 -- ARGV none
@@ -274,6 +283,7 @@ class RedisStreamStore:
         self._take_over = client.register_script(TAKE_OVER_LUA)
         self._poll = client.register_script(POLL_LUA)
         self._get = client.register_script(GET_LUA)
+        self._annotate = client.register_script(ANNOTATE_LUA)
 
     def key(self, sid: str) -> str:
         """The hash key of a session."""
@@ -345,6 +355,16 @@ class RedisStreamStore:
             args += [name if name in DIFY_FIELDS else f"x:{name}", value]
         with _mapped("finish"):
             return bool(await self._finish(keys=[self.key(sid)], args=args))
+
+    async def annotate(self, sid: str, fields: Mapping[str, str]) -> bool:
+        """Set Dify ids or extras on an existing session, whoever owns it; False if it is missing."""
+        if not fields:
+            return True
+        args: list[str] = []
+        for name, value in fields.items():
+            args += [name if name in DIFY_FIELDS else f"x:{name}", value]
+        with _mapped("annotate"):
+            return bool(await self._annotate(keys=[self.key(sid)], args=args))
 
     async def heartbeat(self, sid: str, owner: str, now: float) -> bool:
         """Record that the owner is alive; False if missing, not owned or over."""

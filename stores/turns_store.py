@@ -51,6 +51,10 @@ class TurnQueue(Protocol):
         """The 0-based position of ``sid`` as queued (dead heads included), or None if not queued."""
         ...
 
+    async def head(self, bot: str, scope: str) -> str | None:
+        """The sid at the head of the conversation's queue (the one Dify is answering), if any."""
+        ...
+
 
 class InFlight(Protocol):
     """Per-user admission: at most ``limit`` of one user's messages in flight at once."""
@@ -233,6 +237,12 @@ class RedisTurnQueue:
             found = await self._position(keys=[self.key(bot, scope)], args=[sid])
         return None if found is None else int(found)
 
+    async def head(self, bot: str, scope: str) -> str | None:
+        """The sid at the head of the conversation's queue (the one Dify is answering), if any."""
+        with _mapped("turns head"):
+            first = await self._client.lindex(self.key(bot, scope), 0)
+        return None if first is None else str(first)
+
 
 class RedisInFlight:
     """Per-user in-flight messages as one Redis sorted set each."""
@@ -344,6 +354,11 @@ class MemoryTurnQueue:
         """The 0-based position of ``sid`` as queued (dead heads included), or None if not queued."""
         queue = self._queues.get(f"{bot}:{scope}")
         return queue.index(sid) if queue is not None and sid in queue else None
+
+    async def head(self, bot: str, scope: str) -> str | None:
+        """The sid at the head of the conversation's queue (the one Dify is answering), if any."""
+        queue = self._queues.get(f"{bot}:{scope}")
+        return queue[0] if queue else None
 
 
 class MemoryInFlight:

@@ -184,6 +184,17 @@ async def test_finish_appends_text_and_sets_fields(stores: AnyStores) -> None:
 
 
 @pytest.mark.gen_test
+async def test_annotate_sets_fields_whoever_owns_it(stores: AnyStores) -> None:
+    await stores.streams.create(session(), TTL)
+    await stores.streams.append("s1", "node-a", "答", T0)
+    assert await stores.streams.annotate("s1", {"task_id": "t-1", "stop": "1"})
+    got = await stores.streams.get("s1")
+    assert got is not None and (got.task_id, got.extra.get("stop"), got.owner, got.n) == ("t-1", "1", "node-a", 1)
+    assert not await stores.streams.annotate("missing", {"task_id": "t-2"})
+    assert await stores.streams.get("missing") is None
+
+
+@pytest.mark.gen_test
 async def test_finish_without_text_adds_no_chunk(stores: AnyStores) -> None:
     await stores.streams.create(session(), TTL)
     await stores.streams.append("s1", "node-a", "部分答案", T0)

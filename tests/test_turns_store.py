@@ -140,6 +140,8 @@ async def test_leave_from_the_middle(cluster: Cluster) -> None:
         await cluster.a.turns.join(BOT, SCOPE, sid, TTL)
     await cluster.b.turns.leave(BOT, SCOPE, "s3")  # /stop on a message still waiting
     assert await positions(cluster.a, "s1", "s2", "s3", "s4") == [0, 1, None, 2]
+    assert await cluster.b.turns.head(BOT, SCOPE) == "s1"
+    assert await cluster.b.turns.head(BOT, "other-scope") is None
     await cluster.b.turns.leave(BOT, SCOPE, "never-joined")
     await cluster.b.turns.leave(BOT, "other-scope", "s1")
     assert await positions(cluster.a, "s1", "s2", "s4") == [0, 1, 2]
