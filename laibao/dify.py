@@ -1,4 +1,9 @@
-"""Dify's Service API on Tornado's AsyncHTTPClient (simple_httpclient): streaming chat, stop, info.
+"""Dify's Service API on Tornado's AsyncHTTPClient (simple_httpclient): every app type's streaming answer,
+stop, file upload, parameters, feedback, suggested questions, conversation deletion, and file downloads.
+
+Every app type answers through :meth:`DifyClient.chat_stream` with the same event shapes: a workflow
+app's ``text_chunk`` / ``text_replace`` / ``workflow_finished`` become MessageDelta / MessageReplace /
+MessageEnd here, so the relay never needs to know which kind of app it talks to.
 
 Failures are mapped onto :mod:`laibao.errors` here, with ``raise ... from exc``:
 
@@ -8,9 +13,12 @@ Failures are mapped onto :mod:`laibao.errors` here, with ``raise ... from exc``:
                          count), "total" (the ``request_timeout`` ceiling)
     DifyStreamError      malformed SSE, an ``error`` event, or the stream ending without ``message_end``
 
-No message or log line carries the API key. Streaming relies on simple_httpclient (Tornado's default
-implementation): ``body_producer``, coroutine ``streaming_callback`` (back-pressure) and early abort
-are not available with curl_httpclient.
+``fetch`` (Dify's file URLs) raises the :mod:`laibao.media` errors instead: it downloads media, and
+never sends the API key (those URLs are signed, and may point anywhere).
+
+No message or log line carries the API key or a per-user bearer token. Streaming relies on
+simple_httpclient (Tornado's default implementation): ``body_producer``, coroutine ``streaming_callback``
+(back-pressure) and early abort are not available with curl_httpclient.
 """
 
 from __future__ import annotations
@@ -20,10 +28,11 @@ import collections
 import json
 import logging
 import re
+import uuid
 from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from http import HTTPStatus
 from typing import Any
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote, urlencode, urljoin, urlsplit
 
 from tornado import httputil
 from tornado.http1connection import HTTP1Connection
@@ -38,17 +47,41 @@ from laibao.errors import (
     DifyStreamError,
     DifyTimeoutError,
 )
-from laibao.sse import DifyEvent, ErrorEvent, MessageEnd, Ping, SSEParser
+from laibao.media import fetch_bounded, outputs_text
+from laibao.sse import (
+    DifyEvent,
+    ErrorEvent,
+    MessageDelta,
+    MessageEnd,
+    MessageFile,
+    MessageReplace,
+    Ping,
+    SSEParser,
+    TextChunk,
+    TextReplace,
+    WorkflowFinished,
+)
 
 log = logging.getLogger("laibao.dify")
 
-_SHORT_CALL_TIMEOUT = 30.0  # ceiling for stop / info: small JSON answers, not streams
+# App modes as GET /info reports them, and the streaming endpoint / stop route of each.
+CHAT_MODES = frozenset({"chat", "agent-chat", "advanced-chat"})
+COMPLETION = "completion"
+WORKFLOW = "workflow"
+APP_MODES = CHAT_MODES | {COMPLETION, WORKFLOW}
+
+_SHORT_CALL_TIMEOUT = 30.0  # ceiling for stop / info / parameters ...: small JSON answers, not streams
+_UPLOAD_TIMEOUT = 300.0  # an upload of WeCom's largest file (100 MB) over a modest link
+# Workflow run statuses that end a run without failing it ("stopped" keeps the partial answer, as a
+# stopped chat does).
+_WORKFLOW_ENDED = frozenset({"succeeded", "partial-succeeded", "stopped"})
 _MESSAGE_CHARS = 200  # at most this much of an error body goes into an exception message
 _ERROR_BODY_BYTES = 64 * 1024  # what is read of an error body before giving up on the rest
 _BACKPRESSURE_BYTES = 1 << 20  # received but unconsumed bytes before the socket is no longer read
 _ABORT_WAIT = 2.0  # how long closing a stream waits for Tornado to report the request finished
 _TAG = re.compile(r"<[^>]*>")
 _SPACE = re.compile(r"\s+")
+_MIME = re.compile(r"[\w.+-]+/[\w.+-]+")
 
 
 class DifyClient:
@@ -90,26 +123,32 @@ class DifyClient:
         conversation_id: str = "",
         inputs: Mapping[str, Any] | None = None,
         files: Sequence[Mapping[str, Any]] | None = None,
+        mode: str = "chat",
+        bearer: str | None = None,
     ) -> AsyncGenerator[DifyEvent, None]:
-        """Ask Dify; yield the answer's events (pings excepted) up to and including ``message_end``."""
-        payload: dict[str, Any] = {
-            "inputs": dict(inputs or {}),
-            "query": query,
-            "response_mode": "streaming",
-            "conversation_id": conversation_id,
-            "user": user,
-        }
+        """Ask Dify; yield the answer's events (pings excepted) up to and including ``message_end``.
+
+        ``mode`` is the app's mode from ``GET /info``; completion and workflow apps get ``query`` as
+        ``inputs["query"]`` and have no conversation. ``bearer`` replaces the app key for this call.
+        """
+        path, terminal = _stream_route(mode)
+        payload: dict[str, Any] = {"inputs": dict(inputs or {}), "response_mode": "streaming", "user": user}
+        if mode in CHAT_MODES:
+            payload["query"] = query
+            payload["conversation_id"] = conversation_id
+        else:
+            payload["inputs"]["query"] = query
         if files is not None:
             payload["files"] = [dict(item) for item in files]
         body = json.dumps(payload, ensure_ascii=False).encode()
         exchange = _Exchange(body, self.idle_timeout)
-        headers = self._headers()
+        headers = self._headers(bearer)
         headers["Accept"] = "text/event-stream"
         # The body goes through body_producer, which lets the exchange reach the connection to close
         # it on abort; Tornado only sets Content-Length itself for ``body``.
         headers["Content-Length"] = str(len(body))
         request = HTTPRequest(
-            f"{self.base_url}/chat-messages",
+            self.base_url + path,
             method="POST",
             headers=headers,
             body_producer=exchange.produce_body,
@@ -123,6 +162,7 @@ class DifyClient:
         )
         exchange.start(self.http.fetch(request, raise_error=False))
         parser = SSEParser()
+        workflow = _WorkflowAnswer() if mode == WORKFLOW else None
         try:
             while True:
                 try:
@@ -132,49 +172,154 @@ class DifyClient:
                 if not 200 <= exchange.status < 300:
                     raise await self._error_from_body(exchange, chunk)
                 events = parser.feed(chunk) if chunk else parser.close()
-                for event in events:
-                    if isinstance(event, Ping):
+                for raw in events:
+                    if isinstance(raw, Ping):
                         continue  # only keeps the idle watchdog quiet, which counts bytes
-                    if isinstance(event, ErrorEvent):
+                    if isinstance(raw, ErrorEvent):
                         raise DifyStreamError(
-                            event.message or "Dify sent an error event", code=event.code, status=event.status
+                            raw.message or "Dify sent an error event", code=raw.code, status=raw.status
                         )
-                    yield event
-                    if isinstance(event, MessageEnd):
-                        return
+                    for event in workflow.translate(raw) if workflow is not None else (raw,):
+                        yield event
+                        if isinstance(event, MessageEnd):
+                            return
                 if not chunk:
-                    raise DifyStreamError("Dify stream ended without message_end")
+                    raise DifyStreamError(f"Dify stream ended without {terminal}")
         finally:
             # Runs on message_end, on errors and when the consumer leaves early (aclose, break,
             # cancellation): a stream still open is closed now, so Dify sees the client go away.
             await exchange.abort()
 
-    async def stop(self, task_id: str, user: str) -> None:
-        """Ask Dify to stop generating the answer of ``task_id``; its stream then ends with message_end."""
-        await self._call("POST", f"/chat-messages/{quote(task_id, safe='')}/stop", {"user": user})
+    async def stop(self, task_id: str, user: str, mode: str = "chat", bearer: str | None = None) -> None:
+        """Ask Dify to stop generating the answer of ``task_id``; its stream then ends normally."""
+        _stream_route(mode)  # refuses an unknown mode
+        task = quote(task_id, safe="")
+        if mode == WORKFLOW:
+            path = f"/workflows/tasks/{task}/stop"
+        elif mode == COMPLETION:
+            path = f"/completion-messages/{task}/stop"
+        else:
+            path = f"/chat-messages/{task}/stop"
+        await self._call("POST", path, {"user": user}, bearer)
 
     async def info(self) -> dict[str, Any]:
         """The app's basic information (``name``, ``mode``, ...); used by health checks."""
-        body = await self._call("GET", "/info", None)
+        return _json_object(await self._call("GET", "/info", None), "/info")
+
+    async def parameters(self, bearer: str | None = None) -> dict[str, Any]:
+        """The app's settings (``opening_statement``, ``suggested_questions``, ``file_upload``, limits)."""
+        return _json_object(await self._call("GET", "/parameters", None, bearer), "/parameters")
+
+    async def feedback(
+        self, message_id: str, rating: str | None, user: str, content: str = "", bearer: str | None = None
+    ) -> None:
+        """Rate an answer: ``rating`` "like", "dislike", or None to take a rating back."""
+        if rating not in ("like", "dislike", None):
+            raise ValueError(f"rating must be 'like', 'dislike' or None, not {rating!r}")
+        payload = {"rating": rating, "user": user, "content": content}
+        await self._call("POST", f"/messages/{quote(message_id, safe='')}/feedbacks", payload, bearer)
+
+    async def suggested(self, message_id: str, user: str, bearer: str | None = None) -> list[str]:
+        """The follow-up questions Dify suggests after an answer (an HTTP error when they are disabled)."""
+        path = f"/messages/{quote(message_id, safe='')}/suggested?{urlencode({'user': user})}"
+        answer = _json_object(await self._call("GET", path, None, bearer), "suggested")
+        questions = answer.get("data")
+        if not isinstance(questions, list):
+            raise DifyError("Dify suggested questions answer has no 'data' list")
+        return [question for question in questions if isinstance(question, str)]
+
+    async def delete_conversation(self, conversation_id: str, user: str, bearer: str | None = None) -> bool:
+        """Delete a conversation in Dify; False if Dify does not know it (for this user), which is no error."""
         try:
-            answer = json.loads(body)
-        except ValueError as exc:
-            raise DifyError("Dify /info answered something that is not JSON") from exc
-        if not isinstance(answer, dict):
-            raise DifyError("Dify /info answered something that is not a JSON object")
+            await self._call("DELETE", f"/conversations/{quote(conversation_id, safe='')}", {"user": user}, bearer)
+        except DifyHTTPError as exc:
+            if exc.status == 404:
+                return False
+            raise
+        return True
+
+    async def upload_file(
+        self,
+        data: bytes,
+        filename: str,
+        mime_type: str,
+        user: str,
+        bearer: str | None = None,
+        *,
+        time_limit: float = _UPLOAD_TIMEOUT,
+    ) -> dict[str, Any]:
+        """Upload a file for ``user``; Dify's answer (``id``, ``name``, ``size``, ``extension``, ``mime_type``)."""
+        boundary = uuid.uuid4().hex
+        body = _multipart(boundary, {"user": user}, "file", filename, mime_type, data)
+        headers = self._headers(bearer)
+        headers["Content-Type"] = f"multipart/form-data; boundary={boundary}"
+        try:
+            answer = _json_object(
+                await self._call("POST", "/files/upload", None, bearer, body=body, headers=headers,
+                                 time_limit=time_limit),
+                "/files/upload",
+            )
+        except DifyHTTPError as exc:
+            # A proxy in front of Dify answers 413 itself, in HTML: the status is what counts.
+            if exc.status == 413:
+                raise DifyHTTPError(413, "file_too_large", exc.message) from exc
+            if exc.status == 415:
+                raise DifyHTTPError(415, "unsupported_file_type", exc.message) from exc
+            raise
+        if not isinstance(answer.get("id"), str) or not answer["id"]:
+            raise DifyError("Dify /files/upload answered without a file id")
         return answer
 
-    async def _call(self, method: str, path: str, payload: Mapping[str, Any] | None) -> bytes:
-        """One short JSON request; its answer body, or the mapped error."""
-        timeout = min(_SHORT_CALL_TIMEOUT, self.total_timeout)
+    def resolve(self, url: str) -> str:
+        """An absolute URL for a URL Dify gave (its files come as "/files/..." paths on its origin)."""
+        parts = urlsplit(self.base_url)
+        return urljoin(f"{parts.scheme}://{parts.netloc}/", url)
+
+    def is_own_url(self, url: str) -> bool:
+        """True if ``url`` (after :meth:`resolve`) is on Dify's own origin, e.g. a file Dify generated."""
+        ours, theirs = urlsplit(self.base_url), urlsplit(self.resolve(url))
+        return (ours.scheme, ours.netloc) == (theirs.scheme, theirs.netloc)
+
+    async def fetch(
+        self,
+        url: str,
+        max_bytes: int,
+        timeout: float,  # noqa: ASYNC109 - Tornado's request_timeout
+    ) -> tuple[bytes, str]:
+        """Download a file Dify points to (relative URLs on Dify's origin); (body, Content-Type).
+
+        Raises :class:`~laibao.media.MediaTooLarge` past ``max_bytes`` and
+        :class:`~laibao.media.MediaUnavailable` otherwise; no API key is sent.
+        """
+        return await fetch_bounded(
+            self.http, self.resolve(url), max_bytes, timeout, connect_timeout=self.connect_timeout
+        )
+
+    async def _call(
+        self,
+        method: str,
+        path: str,
+        payload: Mapping[str, Any] | None,
+        bearer: str | None = None,
+        *,
+        body: bytes | None = None,
+        headers: dict[str, str] | None = None,
+        time_limit: float = _SHORT_CALL_TIMEOUT,
+    ) -> bytes:
+        """One short request (a JSON ``payload`` or a ready ``body``); its answer body, or the mapped error."""
+        timeout = min(time_limit, self.total_timeout)
+        if payload is not None:
+            body = json.dumps(payload, ensure_ascii=False).encode()
         request = HTTPRequest(
             self.base_url + path,
             method=method,
-            headers=self._headers(),
-            body=None if payload is None else json.dumps(payload, ensure_ascii=False).encode(),
+            headers=headers or self._headers(bearer),
+            body=body,
             connect_timeout=self.connect_timeout,
             request_timeout=timeout,
             follow_redirects=False,
+            # DELETE /conversations carries a JSON body, which Tornado refuses for DELETE unless told.
+            allow_nonstandard_methods=method == "DELETE",
         )
         try:
             response = await self.http.fetch(request, raise_error=False)
@@ -189,8 +334,9 @@ class DifyClient:
             raise _http_error(response.code, response.body or b"")
         return response.body or b""
 
-    def _headers(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self._api_key}", "Content-Type": "application/json"}
+    def _headers(self, bearer: str | None = None) -> dict[str, str]:
+        token = self._api_key if bearer is None else bearer
+        return {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
 
     def _where(self) -> str:
         """Host and port of Dify, for messages (never user info from the URL)."""
@@ -220,6 +366,96 @@ class DifyClient:
                 break  # the status says enough; a body cut short only shortens the message
             body += chunk[: _ERROR_BODY_BYTES - len(body)]
         return _http_error(exchange.status, bytes(body))
+
+
+class _WorkflowAnswer:
+    """Turns a workflow run's events into the shapes every other app type streams.
+
+    ``text_chunk`` -> MessageDelta, ``text_replace`` -> MessageReplace, ``workflow_finished`` ->
+    (the outputs as one MessageDelta if no text was streamed) + a MessageFile per generated image +
+    MessageEnd whose message_id is the workflow run id; a failed run raises DifyStreamError.
+    """
+
+    def __init__(self) -> None:
+        self.streamed = False
+
+    def translate(self, event: DifyEvent) -> list[DifyEvent]:
+        """The events to pass on for one workflow event (other events pass unchanged)."""
+        ids: dict[str, Any] = {"event": event.event, "conversation_id": "", "task_id": event.task_id,
+                               "data": event.data}
+        if isinstance(event, TextChunk):
+            self.streamed = self.streamed or bool(event.text)
+            return [MessageDelta(**ids, message_id=event.workflow_run_id, answer=event.text)]
+        if isinstance(event, TextReplace):
+            self.streamed = True
+            return [MessageReplace(**ids, message_id=event.workflow_run_id, answer=event.text)]
+        if not isinstance(event, WorkflowFinished):
+            return [event]
+        if event.status not in _WORKFLOW_ENDED:
+            raise DifyStreamError(event.error or f"Dify workflow ended with status {event.status or 'unknown'}",
+                                  code="workflow_failed")
+        run = event.workflow_run_id
+        out: list[DifyEvent] = []
+        if not self.streamed:
+            text = outputs_text(event.outputs)
+            if text:
+                out.append(MessageDelta(**ids, message_id=run, answer=text))
+        for file in event.files:
+            url = file.get("url") or file.get("remote_url")
+            if isinstance(url, str) and url:
+                out.append(MessageFile(**ids, message_id=run, file_type=str(file.get("type") or ""), url=url))
+        inner = event.data.get("data")
+        inner = inner if isinstance(inner, Mapping) else {}
+        metadata: dict[str, Any] = {"status": event.status, "outputs": dict(event.outputs)}
+        if isinstance(inner.get("total_tokens"), int):
+            metadata["usage"] = {"total_tokens": inner["total_tokens"]}
+        if "elapsed_time" in inner:
+            metadata["elapsed_time"] = inner["elapsed_time"]
+        out.append(MessageEnd(**ids, message_id=run, metadata=metadata))
+        return out
+
+
+def _stream_route(mode: str) -> tuple[str, str]:
+    """The streaming endpoint of an app mode and the name of its terminal event."""
+    if mode in CHAT_MODES:
+        return "/chat-messages", "message_end"
+    if mode == COMPLETION:
+        return "/completion-messages", "message_end"
+    if mode == WORKFLOW:
+        return "/workflows/run", "workflow_finished"
+    raise DifyError(f"unsupported Dify app mode {mode!r}")
+
+
+def _json_object(body: bytes, what: str) -> dict[str, Any]:
+    try:
+        answer = json.loads(body)
+    except ValueError as exc:
+        raise DifyError(f"Dify {what} answered something that is not JSON") from exc
+    if not isinstance(answer, dict):
+        raise DifyError(f"Dify {what} answered something that is not a JSON object")
+    return answer
+
+
+def _multipart(
+    boundary: str, fields: Mapping[str, str], file_field: str, filename: str, mime_type: str, data: bytes
+) -> bytes:
+    """A multipart/form-data body (RFC 7578) with text fields and one file."""
+    # Quotes and line breaks would end the header early; UTF-8 names are what browsers send and
+    # what Dify's werkzeug decodes.
+    safe_name = re.sub(r'["\\\r\n]', "_", filename) or "file"
+    content_type = mime_type if _MIME.fullmatch(mime_type) else "application/octet-stream"
+    parts: list[bytes] = []
+    for name, value in fields.items():
+        parts.append(
+            f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode()
+        )
+    parts.append(
+        (f'--{boundary}\r\nContent-Disposition: form-data; name="{file_field}"; filename="{safe_name}"\r\n'
+         f"Content-Type: {content_type}\r\n\r\n").encode()
+    )
+    parts.append(data)
+    parts.append(f"\r\n--{boundary}--\r\n".encode())
+    return b"".join(parts)
 
 
 class _TransportFailure(Exception):

@@ -96,6 +96,33 @@ class WorkflowEvent(DifyEvent):
 
 
 @dataclass(frozen=True)
+class TextChunk(WorkflowEvent):
+    """A piece of a workflow app's text output (``text_chunk``, ``data.text``)."""
+
+    text: str = ""
+    workflow_run_id: str = ""
+
+
+@dataclass(frozen=True)
+class TextReplace(WorkflowEvent):
+    """Workflow moderation: replace the whole text shown so far (``text_replace``, ``data.text``)."""
+
+    text: str = ""
+    workflow_run_id: str = ""
+
+
+@dataclass(frozen=True)
+class WorkflowFinished(WorkflowEvent):
+    """A workflow run ended: ``status`` succeeded / partial-succeeded / failed / stopped, its ``outputs``."""
+
+    status: str = ""
+    outputs: Mapping[str, Any] = field(default_factory=dict)
+    error: str = ""
+    workflow_run_id: str = ""
+    files: tuple[Mapping[str, Any], ...] = ()
+
+
+@dataclass(frozen=True)
 class UnknownEvent(DifyEvent):
     """Any other event (``tts_message``, events of future Dify versions); safe to ignore."""
 
@@ -228,9 +255,32 @@ def _typed_event(name: str, obj: dict[str, Any]) -> DifyEvent:
         )
     if name == "ping":
         return Ping(**ids)
+    if name in ("text_chunk", "text_replace", "workflow_finished"):
+        return _workflow_event(name, obj, ids)
     if name.startswith(_WORKFLOW_PREFIXES) or name in _WORKFLOW_NAMES:
         return WorkflowEvent(**ids)
     return UnknownEvent(**ids)
+
+
+def _workflow_event(name: str, obj: dict[str, Any], ids: dict[str, Any]) -> DifyEvent:
+    """The workflow events whose ``data`` the client reads, typed; their fields live under ``data``."""
+    data = obj.get("data")
+    inner: Mapping[str, Any] = data if isinstance(data, dict) else {}
+    run_id = _text(obj, "workflow_run_id") or _text(inner, "workflow_run_id")
+    if name == "text_chunk":
+        return TextChunk(**ids, text=_text(inner, "text"), workflow_run_id=run_id)
+    if name == "text_replace":
+        return TextReplace(**ids, text=_text(inner, "text"), workflow_run_id=run_id)
+    outputs = inner.get("outputs")
+    files = inner.get("files")
+    return WorkflowFinished(
+        **ids,
+        status=_text(inner, "status"),
+        outputs=outputs if isinstance(outputs, dict) else {},
+        error=_text(inner, "error"),
+        workflow_run_id=run_id or _text(inner, "id"),
+        files=tuple(f for f in files if isinstance(f, dict)) if isinstance(files, list) else (),
+    )
 
 
 def _text(obj: Mapping[str, Any], key: str) -> str:

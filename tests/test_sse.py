@@ -22,8 +22,11 @@ from laibao.sse import (
     MessageReplace,
     Ping,
     SSEParser,
+    TextChunk,
+    TextReplace,
     UnknownEvent,
     WorkflowEvent,
+    WorkflowFinished,
 )
 
 CONV = "45701982-8118-4bc5-8e9b-64562b4555f2"
@@ -67,7 +70,7 @@ RECORDED = (
 )
 EXPECTED_TYPES = [
     Ping, WorkflowEvent, WorkflowEvent, MessageDelta, MessageDelta, MessageDelta, Ping, AgentThought,
-    MessageDelta, MessageFile, WorkflowEvent, UnknownEvent, MessageReplace, WorkflowEvent, MessageEnd,
+    MessageDelta, MessageFile, WorkflowEvent, UnknownEvent, MessageReplace, WorkflowFinished, MessageEnd,
 ]
 
 
@@ -267,3 +270,30 @@ def test_feed_after_close_is_a_bug() -> None:
     parser.close()
     with pytest.raises(ValueError, match="after close"):
         parser.feed(b"data: {}\n\n")
+
+
+def test_workflow_events_are_typed_from_their_data() -> None:
+    run = {"task_id": TASK, "workflow_run_id": "wr-9"}
+    outputs = {"text": "结果", "count": 3}
+    files = [{"type": "image", "url": "/files/tools/x.png?sign=s"}, "not-a-file"]
+    objects: list[dict[str, Any]] = [
+        {"event": "text_chunk", **run, "data": {"text": "片段", "from_variable_selector": ["llm", "text"]}},
+        {"event": "text_replace", **run, "data": {"text": "替换"}},
+        {"event": "workflow_finished", **run,
+         "data": {"id": "wr-9", "status": "succeeded", "outputs": outputs, "error": None, "files": files}},
+        {"event": "workflow_finished", "task_id": TASK,
+         "data": {"id": "wr-10", "status": "failed", "outputs": None, "error": "节点失败"}},
+        {"event": "text_chunk", "data": "not an object"},
+    ]
+    stream = b"".join(_frame(o) for o in objects)
+    chunk, replace, finished, failed, odd = parse(stream, [])
+    assert isinstance(chunk, TextChunk) and (chunk.text, chunk.workflow_run_id) == ("片段", "wr-9")
+    assert chunk.task_id == TASK and isinstance(chunk, WorkflowEvent)
+    assert isinstance(replace, TextReplace) and replace.text == "替换"
+    assert isinstance(finished, WorkflowFinished)
+    assert (finished.status, finished.outputs, finished.error) == ("succeeded", outputs, "")
+    assert finished.workflow_run_id == "wr-9"
+    assert finished.files == (files[0],)
+    assert isinstance(failed, WorkflowFinished)
+    assert (failed.status, failed.outputs, failed.error, failed.workflow_run_id) == ("failed", {}, "节点失败", "wr-10")
+    assert isinstance(odd, TextChunk) and odd.text == ""

@@ -1,0 +1,630 @@
+"""Media between WeCom and Dify: downloads with a hard size limit, file sniffing, images for ``msg_item``,
+the 20480-byte cut and the display of reasoning blocks.
+
+Downloads fail with one small tree (messages are for operators; they name the host, never the URL,
+whose query carries WeCom's or Dify's signatures):
+
+    MediaError (LaibaoError)
+    ├── MediaTooLarge     more bytes than allowed (announced by Content-Length, or counted while streaming)
+    ├── MediaUnavailable  unreachable, timed out, an HTTP error (an expired WeCom URL), undecryptable
+    └── MediaUnsupported  a kind of file the Dify app does not accept
+
+Everything else here is pure: no I/O, safe to call on every snapshot of a streaming answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import codecs
+import hashlib
+import io
+import json
+import logging
+import mimetypes
+import re
+import unicodedata
+import zipfile
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+from tornado import httputil
+from tornado.http1connection import HTTP1Connection
+from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
+from tornado.iostream import IOStream
+from tornado.simple_httpclient import HTTPTimeoutError
+
+from laibao.crypto import WeComCrypto
+from laibao.errors import CryptoError, DifyError, LaibaoError
+
+log = logging.getLogger("laibao.media")
+
+WECOM_CONTENT_BYTES = 20480  # WeCom's cap on a stream's or markdown message's content, in UTF-8 bytes
+IMAGE_MAX_BYTES = 10 * 1024 * 1024  # WeCom's cap on one msg_item image (raw bytes)
+_AES_PAD = 32  # WeCom media are padded to 32 bytes, so the ciphertext is at most this much longer
+_MAX_REDIRECTS = 5
+_SNIFF_TEXT_BYTES = 64 * 1024  # how much of a file is inspected to decide whether it is text
+_MB = 1024 * 1024
+
+# A fetch of Dify files as DifyClient.fetch does it: (url, max_bytes, timeout) -> (body, content type).
+Fetch = Callable[[str, int, float], Awaitable[tuple[bytes, str]]]
+
+
+class MediaError(LaibaoError):
+    """A media file could not be downloaded or used."""
+
+
+class MediaTooLarge(MediaError):
+    """The file is larger than allowed; ``limit`` is the allowance in bytes."""
+
+    def __init__(self, message: str, limit: int) -> None:
+        self.limit = limit
+        super().__init__(message)
+
+
+class MediaUnavailable(MediaError):
+    """The file could not be fetched (unreachable, timeout, HTTP error, expired URL) or decrypted."""
+
+    def __init__(self, message: str, status: int = 0) -> None:
+        self.status = status
+        super().__init__(message)
+
+
+class MediaUnsupported(MediaError):
+    """The Dify app does not accept this kind of file."""
+
+
+# ----------------------------------------------------------------------------------------- downloads
+
+
+class _TooLarge(Exception):
+    """Raised inside Tornado's callbacks when the connection cannot be closed instead (never expected)."""
+
+
+class _Bounded:
+    """Collects one download's body, refusing more than ``max_bytes`` of a 2xx answer.
+
+    Refusing closes the connection: raising from Tornado's callbacks would work too, but Tornado logs
+    such an exception as uncaught. The connection is reached the way ``laibao.dify`` reaches it: through
+    the ``write`` method simple_httpclient hands to ``body_producer`` once connected.
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.status = 0
+        self.content_type = ""
+        self.body = bytearray()
+        self.too_large = False
+        self._stream: IOStream | None = None
+
+    def produce_body(self, write: Callable[[bytes], None]) -> asyncio.Future[None]:
+        """Tornado's body_producer (called per connection, redirects included): a GET sends no body."""
+        connection = getattr(write, "__self__", None)
+        if isinstance(connection, HTTP1Connection):
+            self._stream = connection.stream
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        done.set_result(None)
+        return done
+
+    def on_header(self, line: str) -> None:
+        """Tornado's header_callback: status line, then each header (again after every redirect)."""
+        if line.startswith("HTTP/"):
+            self.status, self.content_type = 0, ""
+            self.body.clear()
+            try:
+                self.status = httputil.parse_response_start_line(line.rstrip("\r\n")).code
+            except httputil.HTTPInputError:
+                pass  # the final response still carries the code
+            return
+        name, _, value = line.partition(":")
+        name = name.strip().lower()
+        if name == "content-type":
+            self.content_type = value.strip()
+        elif name == "content-length" and 200 <= self.status < 300:
+            length = value.strip()
+            # Refused before a byte of the body is read: no point downloading what must be dropped.
+            if length.isdigit() and int(length) > self.max_bytes:
+                self._refuse()
+
+    def on_chunk(self, chunk: bytes) -> None:
+        """Tornado's streaming_callback (redirect bodies never reach it)."""
+        if self.too_large:
+            return
+        if 200 <= self.status < 300 and len(self.body) + len(chunk) > self.max_bytes:
+            self._refuse()
+            return
+        if len(self.body) < self.max_bytes:  # an error body is kept only up to the allowance
+            self.body += chunk[: self.max_bytes - len(self.body)]
+
+    def _refuse(self) -> None:
+        self.too_large = True
+        self.body.clear()
+        if self._stream is None:
+            raise _TooLarge
+        self._stream.close()
+
+
+async def fetch_bounded(
+    http: AsyncHTTPClient,
+    url: str,
+    max_bytes: int,
+    timeout: float,  # noqa: ASYNC109 - it is Tornado's request_timeout, which also ends the connection
+    *,
+    connect_timeout: float | None = None,
+) -> tuple[bytes, str]:
+    """GET ``url`` (following redirects) and return (body, Content-Type); at most ``max_bytes`` of body."""
+    parts = urlsplit(url)
+    host = parts.hostname or "?"
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise MediaUnavailable("media URL is not an absolute http(s) URL")
+    bounded = _Bounded(max_bytes)
+    request = HTTPRequest(
+        url,
+        method="GET",
+        body_producer=bounded.produce_body,
+        allow_nonstandard_methods=True,  # a GET with a body_producer (which writes nothing)
+        header_callback=bounded.on_header,
+        streaming_callback=bounded.on_chunk,
+        connect_timeout=min(timeout, connect_timeout or timeout),
+        request_timeout=timeout,
+        follow_redirects=True,
+        max_redirects=_MAX_REDIRECTS,
+    )
+    try:
+        # Failures below HTTP are raised even with raise_error=False; HTTP errors come as a response.
+        response = await http.fetch(request, raise_error=False)
+    except (_TooLarge, OSError, HTTPClientError, httputil.HTTPInputError) as exc:
+        if bounded.too_large:  # the connection closed on purpose ends the fetch as "Stream closed"
+            raise MediaTooLarge(f"media from {host} is larger than {max_bytes} bytes", max_bytes) from None
+        if isinstance(exc, HTTPTimeoutError):
+            raise MediaUnavailable(f"media download from {host} timed out after {timeout:g} s") from exc
+        raise MediaUnavailable(f"cannot download media from {host}: {str(exc) or type(exc).__name__}") from exc
+    if bounded.too_large:
+        raise MediaTooLarge(f"media from {host} is larger than {max_bytes} bytes", max_bytes)
+    status = bounded.status or response.code
+    if not 200 <= status < 300:
+        raise MediaUnavailable(f"media server {host} answered HTTP {status}", status)
+    content_type = bounded.content_type or response.headers.get("Content-Type", "")
+    return bytes(bounded.body), content_type
+
+
+async def download_wecom_media(
+    http: AsyncHTTPClient,
+    url: str,
+    crypto: WeComCrypto,
+    max_bytes: int,
+    timeout: float,  # noqa: ASYNC109 - Tornado's request_timeout
+) -> bytes:
+    """Download a WeCom media URL (valid 5 minutes) and decrypt it; at most ``max_bytes`` of plaintext."""
+    try:
+        encrypted, _ = await fetch_bounded(http, url, max_bytes + _AES_PAD, timeout)
+    except MediaTooLarge as exc:
+        raise MediaTooLarge(f"WeCom media is larger than {max_bytes} bytes", max_bytes) from exc
+    try:
+        plain = crypto.decrypt_media(encrypted)
+    except CryptoError as exc:
+        raise MediaUnavailable(f"WeCom media could not be decrypted ({exc})") from exc
+    if len(plain) > max_bytes:
+        raise MediaTooLarge(f"WeCom media is larger than {max_bytes} bytes", max_bytes)
+    return plain
+
+
+# ------------------------------------------------------------------------------------------ sniffing
+
+
+@dataclass(frozen=True)
+class MediaKind:
+    """What a file is: its MIME type, a file extension, and Dify's file ``type`` for it."""
+
+    mime_type: str
+    extension: str  # without the dot
+    dify_type: str  # "image" | "document" | "audio" | "video" | "custom"
+
+    def filename(self, stem: str) -> str:
+        """A file name with this kind's extension."""
+        return f"{stem}.{self.extension}"
+
+
+def _kind(mime: str, ext: str, dify: str) -> MediaKind:
+    return MediaKind(mime, ext, dify)
+
+
+JPEG = _kind("image/jpeg", "jpg", "image")
+PNG = _kind("image/png", "png", "image")
+GIF = _kind("image/gif", "gif", "image")
+WEBP = _kind("image/webp", "webp", "image")
+SVG = _kind("image/svg+xml", "svg", "image")
+PDF = _kind("application/pdf", "pdf", "document")
+DOCX = _kind("application/vnd.openxmlformats-officedocument.wordprocessingml.document", "docx", "document")
+XLSX = _kind("application/vnd.openxmlformats-officedocument.spreadsheetml.sheet", "xlsx", "document")
+PPTX = _kind("application/vnd.openxmlformats-officedocument.presentationml.presentation", "pptx", "document")
+EPUB = _kind("application/epub+zip", "epub", "document")
+ZIP = _kind("application/zip", "zip", "custom")
+MP3 = _kind("audio/mpeg", "mp3", "audio")
+WAV = _kind("audio/wav", "wav", "audio")
+M4A = _kind("audio/mp4", "m4a", "audio")
+AMR = _kind("audio/amr", "amr", "audio")
+MP4 = _kind("video/mp4", "mp4", "video")
+MOV = _kind("video/quicktime", "mov", "video")
+WEBM = _kind("video/webm", "webm", "video")
+TEXT = _kind("text/plain", "txt", "document")
+BINARY = _kind("application/octet-stream", "bin", "custom")
+
+# Dify's document extensions (api/constants DOCUMENT_EXTENSIONS) that are plain text on disk.
+_TEXT_EXTENSIONS = {
+    "txt": "text/plain", "md": "text/markdown", "markdown": "text/markdown", "mdx": "text/markdown",
+    "csv": "text/csv", "html": "text/html", "htm": "text/html", "xml": "application/xml",
+    "vtt": "text/vtt", "properties": "text/plain", "json": "application/json",
+}
+# The old binary Office formats share one container (OLE2); only the name tells them apart.
+_OLE_EXTENSIONS = {
+    "doc": "application/msword", "xls": "application/vnd.ms-excel",
+    "ppt": "application/vnd.ms-powerpoint", "msg": "application/vnd.ms-outlook",
+}
+_DIFY_TYPES = {
+    "image": {"jpg", "jpeg", "png", "gif", "webp", "svg"},
+    "audio": {"mp3", "m4a", "wav", "webm", "amr", "mpga"},
+    "video": {"mp4", "mov", "mpeg", "webm"},
+    "document": {"txt", "md", "markdown", "mdx", "pdf", "html", "htm", "xlsx", "xls", "vtt", "properties",
+                 "doc", "docx", "csv", "eml", "msg", "pptx", "ppt", "xml", "epub"},
+}
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0e-\x1f\x7f]")
+
+
+def _hint_extension(filename_hint: str) -> str:
+    name = filename_hint.rsplit("/", 1)[-1]
+    return name.rsplit(".", 1)[-1].lower() if "." in name else ""
+
+
+def _by_extension(ext: str) -> MediaKind | None:
+    """The kind a bare file name suggests, when the bytes did not say."""
+    if not ext:
+        return None
+    if ext in _TEXT_EXTENSIONS:
+        return MediaKind(_TEXT_EXTENSIONS[ext], ext, "document")
+    if ext in _OLE_EXTENSIONS:
+        return MediaKind(_OLE_EXTENSIONS[ext], ext, "document")
+    mime, _ = mimetypes.guess_type(f"x.{ext}", strict=False)
+    dify = next((kind for kind, exts in _DIFY_TYPES.items() if ext in exts), "custom")
+    return MediaKind(mime or "application/octet-stream", ext, dify)
+
+
+def _zip_kind(data: bytes, ext: str) -> MediaKind:
+    """Office Open XML and EPUB are zip files: their member names tell which one."""
+    if data[30:58] == b"mimetypeapplication/epub+zip":
+        return EPUB
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+            names = archive.namelist()
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError):
+        names = []
+    for prefix, kind in (("word/", DOCX), ("xl/", XLSX), ("ppt/", PPTX)):
+        if any(name.startswith(prefix) for name in names):
+            return kind
+    return {"docx": DOCX, "xlsx": XLSX, "pptx": PPTX, "epub": EPUB}.get(ext, ZIP)
+
+
+def _mpeg_audio(data: bytes) -> bool:
+    """An MPEG audio frame header (11 sync bits, a valid layer): MP3 without an ID3 tag."""
+    return len(data) >= 2 and data[0] == 0xFF and data[1] & 0xE0 == 0xE0 and (data[1] >> 1) & 0x03 != 0
+
+
+def _text_kind(data: bytes, ext: str) -> MediaKind | None:
+    head = data[:_SNIFF_TEXT_BYTES]
+    try:
+        # The sample may end inside a character: an incomplete last sequence is no reason to say "binary".
+        text = codecs.getincrementaldecoder("utf-8-sig")().decode(head, final=len(head) == len(data))
+    except UnicodeDecodeError:
+        text = ""
+        if ext in _TEXT_EXTENSIONS:  # Chinese Windows text files are often GBK
+            try:
+                text = head.decode("gb18030")
+            except UnicodeDecodeError:
+                return None
+        else:
+            return None
+    if _CONTROL.search(text):
+        return None
+    stripped = text.lstrip()
+    if stripped.startswith("<svg") or (stripped.startswith("<?xml") and "<svg" in stripped[:1024]):
+        return SVG
+    return MediaKind(_TEXT_EXTENSIONS[ext], ext, "document") if ext in _TEXT_EXTENSIONS else TEXT
+
+
+def sniff(data: bytes, filename_hint: str = "") -> MediaKind:
+    """What ``data`` is, from its magic bytes; the hint's extension decides only what bytes cannot."""
+    ext = _hint_extension(filename_hint)
+    if data.startswith(b"\xff\xd8\xff"):
+        return JPEG
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return PNG
+    if data.startswith((b"GIF87a", b"GIF89a")):
+        return GIF
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return WEBP
+    if data[:4] == b"RIFF" and data[8:12] == b"WAVE":
+        return WAV
+    if data.startswith(b"%PDF-"):
+        return PDF
+    if data.startswith(b"PK\x03\x04"):
+        return _zip_kind(data, ext)
+    if data.startswith(b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1"):
+        return MediaKind(_OLE_EXTENSIONS[ext], ext, "document") if ext in _OLE_EXTENSIONS else BINARY
+    if data.startswith(b"#!AMR"):
+        return AMR
+    if data.startswith(b"ID3") or _mpeg_audio(data):
+        return MP3
+    if data[4:8] == b"ftyp":
+        brand = data[8:12]
+        if brand.startswith(b"M4A"):
+            return M4A
+        if brand == b"qt  ":
+            return MOV
+        return MP4
+    if data.startswith(b"\x1a\x45\xdf\xa3"):
+        return WEBM
+    if data:
+        text = _text_kind(data, ext)
+        if text is not None:
+            return text
+    return _by_extension(ext) or BINARY
+
+
+def check_upload(kind: MediaKind, size: int, parameters: Mapping[str, Any]) -> str:
+    """The Dify file ``type`` to send for this file, per the app's ``GET /parameters``; raise if refused."""
+    upload = parameters.get("file_upload")
+    upload = upload if isinstance(upload, Mapping) else {}
+    if "enabled" in upload or "allowed_file_types" in upload:
+        if not upload.get("enabled"):
+            raise MediaUnsupported("the Dify app does not accept files")
+        allowed = {str(t).lower() for t in upload.get("allowed_file_types") or ()}
+        extensions = {str(e).lower().lstrip(".") for e in upload.get("allowed_file_extensions") or ()}
+        if kind.dify_type in allowed:
+            dify_type = kind.dify_type
+        elif "custom" in allowed and kind.extension in extensions:
+            dify_type = "custom"
+        else:
+            raise MediaUnsupported(f"the Dify app does not accept {kind.extension} files ({kind.dify_type})")
+    else:
+        # Dify before 0.10 only knew images, configured under file_upload.image
+        image = upload.get("image")
+        if not (isinstance(image, Mapping) and image.get("enabled") and kind.dify_type == "image"):
+            raise MediaUnsupported(f"the Dify app does not accept {kind.extension} files ({kind.dify_type})")
+        dify_type = "image"
+    system = parameters.get("system_parameters")
+    system = system if isinstance(system, Mapping) else {}
+    limit_name = {"image": "image_file_size_limit", "audio": "audio_file_size_limit",
+                  "video": "video_file_size_limit"}.get(kind.dify_type, "file_size_limit")
+    limit_mb = system.get(limit_name)
+    if isinstance(limit_mb, int | float) and not isinstance(limit_mb, bool) and limit_mb > 0:
+        limit = int(limit_mb * _MB)
+        if size > limit:
+            raise MediaTooLarge(f"{kind.extension} file of {size} bytes exceeds the Dify app's {limit_mb} MB", limit)
+    return dify_type
+
+
+def file_ref(dify_type: str, upload: Mapping[str, Any]) -> dict[str, str]:
+    """The ``files`` entry of a chat request for an uploaded file (``upload`` is /files/upload's answer)."""
+    return {"type": dify_type, "transfer_method": "local_file", "upload_file_id": str(upload["id"])}
+
+
+# ---------------------------------------------------------------------------------------- images out
+
+_FENCED = re.compile(r"^[ \t]*(`{3,}|~{3,})[^\n]*\n.*?(?:^[ \t]*\1[ \t]*$|\Z)", re.M | re.S)
+_INLINE_CODE = re.compile(r"(`+)[^`]*?\1")
+_IMAGE = re.compile(r"!\[[^\]\n]*\]\(\s*<?([^()\s<>]+)>?(?:\s+(?:\"[^\"]*\"|'[^']*'))?\s*\)")
+
+
+def image_links(markdown: str) -> list[str]:
+    """The http(s) and root-relative URLs of markdown images ``![alt](url)``, in order, each once."""
+    prose = _INLINE_CODE.sub("", _FENCED.sub("", markdown))  # an image inside code is text, not an image
+    links: list[str] = []
+    for match in _IMAGE.finditer(prose):
+        url = match.group(1)
+        relative = url.startswith("/") and not url.startswith("//")
+        wanted = relative or urlsplit(url).scheme in ("http", "https")
+        if wanted and url not in links:
+            links.append(url)
+    return links
+
+
+async def image_item(
+    source: AsyncHTTPClient | Fetch,
+    url: str,
+    *,
+    max_bytes: int = IMAGE_MAX_BYTES,
+    timeout: float = 15.0,  # noqa: ASYNC109 - handed to the fetch, which bounds the request
+) -> dict[str, Any] | None:
+    """WeCom's ``msg_item`` image for ``url`` (JPG/PNG up to ``max_bytes``), or None if it cannot be one."""
+    try:
+        if isinstance(source, AsyncHTTPClient):
+            data, _ = await fetch_bounded(source, url, max_bytes, timeout)
+        else:
+            data, _ = await source(url, max_bytes, timeout)
+    except (MediaError, DifyError) as exc:
+        log.warning("image left out of the answer: %s", exc)
+        return None
+    kind = sniff(data)
+    if kind not in (JPEG, PNG):
+        log.info("image left out of the answer: WeCom shows only JPG and PNG, this is %s", kind.mime_type)
+        return None
+    # md5 is what WeCom asks for to check the transfer; it protects nothing here.
+    digest = hashlib.md5(data, usedforsecurity=False).hexdigest()
+    return {"msgtype": "image", "image": {"base64": base64.b64encode(data).decode("ascii"), "md5": digest}}
+
+
+# ------------------------------------------------------------------------------- the 20480-byte cut
+
+_FENCE_LINE = re.compile(r"[ \t]*(`{3,}|~{3,})(.*)")
+
+
+def _line_starts(text: str, end: int) -> tuple[list[int], list[int]]:
+    """Start offsets of the lines within ``text[:end]`` (not 0), split by lying outside / inside a fence."""
+    outside: list[int] = []
+    inside: list[int] = []
+    fence: tuple[str, int] | None = None
+    start = 0
+    while start < end:
+        newline = text.find("\n", start, end)
+        match = _FENCE_LINE.match(text, start, end if newline < 0 else newline)
+        if match is not None:
+            marker, rest = match.group(1), match.group(2)
+            if fence is None:
+                if not (marker[0] == "`" and "`" in rest):  # CommonMark: no backtick in a backtick info string
+                    fence = (marker[0], len(marker))
+            elif marker[0] == fence[0] and len(marker) >= fence[1] and not rest.strip():
+                fence = None
+        if newline < 0:
+            break
+        start = newline + 1
+        (outside if fence is None else inside).append(start)
+    return outside, inside
+
+
+def _joins_next(text: str, index: int) -> bool:
+    """True if cutting before ``text[index]`` would split a user-perceived character."""
+    char, before = text[index], text[index - 1]
+    return (
+        char in "\u200d\ufe0f\ufe0e" or before == "\u200d" or unicodedata.combining(char) != 0
+        or (before == "\r" and char == "\n") or 0x1F3FB <= ord(char) <= 0x1F3FF  # skin tone modifiers
+    )
+
+
+def split_for_wecom(text: str, limit: int = WECOM_CONTENT_BYTES) -> tuple[str, str]:
+    """Cut ``text`` into (head, rest), head at most ``limit`` UTF-8 bytes, at a clean place when there is one."""
+    if limit < 4:
+        raise ValueError(f"limit must allow one UTF-8 character (4 bytes), not {limit}")
+    data = text.encode("utf-8")
+    if len(data) <= limit:
+        return text, ""
+    cut = limit
+    while data[cut] & 0xC0 == 0x80:  # a continuation byte: the cut would split a character
+        cut -= 1
+    end = len(data[:cut].decode("utf-8"))
+    for _ in range(8):  # emoji sequences are short; a longer run of joiners is not worth keeping whole
+        if end <= 1 or not _joins_next(text, end):
+            break
+        end -= 1
+    outside, inside = _line_starts(text, end)
+    floor = max(1, end // 4)  # a head shorter than this wastes the stream: cut inside instead
+    if outside and outside[-1] >= floor:
+        end = outside[-1]  # a line boundary outside any code block: before a fence's opening line if need be
+    elif inside and inside[-1] >= floor:
+        end = inside[-1]
+    return text[:end], text[end:]
+
+
+# ------------------------------------------------------------------------------------ reasoning
+
+_THINK_OPEN = re.compile(r"<think>", re.I)
+_THINK_CLOSE = re.compile(r"</think>", re.I)
+_DETAILS_CLOSE = re.compile(r"</details>", re.I)
+_DETAILS_OPEN = re.compile(r"<details\b([^>]*)>\s*<summary\b[^>]*>([^<]{0,80})</summary>", re.I)
+_TAG_HOLD = 512  # an unfinished <details ...><summary>...</summary> longer than this is not Dify's
+
+
+def _is_thinking(attributes: str, summary: str) -> bool:
+    """Dify's reasoning block: grey and/or summarised "Thinking..." (other <details> are content)."""
+    style = re.sub(r"\s+", "", attributes).lower()
+    label = summary.strip().lower()
+    return "color:gray" in style or label.startswith("thinking") or "思考" in label
+
+
+def _opening(text: str, at: int, final: bool) -> tuple[re.Pattern[str], int] | bool:
+    """At a "<": the close pattern and body start of a reasoning block; True if undecided yet; False if not one."""
+    rest = text[at : at + _TAG_HOLD].lower()
+    if rest.startswith("<think>"):
+        return _THINK_CLOSE, at + len("<think>")
+    if rest.startswith("<details"):
+        match = _DETAILS_OPEN.match(text, at)
+        if match is not None:
+            return (_DETAILS_CLOSE, match.end()) if _is_thinking(match.group(1), match.group(2)) else False
+        # Not complete yet, unless it could no longer become one
+        return not final and len(text) - at < _TAG_HOLD and "</summary>" not in rest
+    if final:
+        return False
+    # Only a tag cut off by the end of the text is undecided; a complete "</think>" is decided (stray).
+    return any(len(rest) < len(tag) and tag.startswith(rest) for tag in ("<think>", "<details", "</think>"))
+
+
+def _without_partial_close(body: str, close: str) -> str:
+    """``body`` without a trailing beginning of ``close`` (the tag may be arriving in the next chunk)."""
+    lowered = body[-len(close):].lower()
+    for size in range(min(len(close) - 1, len(lowered)), 0, -1):
+        if lowered.endswith(close[:size]):
+            return body[:-size]
+    return body
+
+
+def think_blocks(text: str, mode: str, *, final: bool = False) -> str:
+    """Show reasoning as WeCom's collapsible ``<think>`` ("show") or remove it ("hide"); streaming-safe.
+
+    Both ``<think>...</think>`` and Dify's ``<details ...><summary> Thinking... </summary>...</details>``
+    are recognised. On a partial snapshot an unterminated block stays open (show) or is dropped (hide),
+    and an unfinished tag at the very end is held back until it is complete; ``final=True`` says no
+    more text follows, so nothing is held back. A ``</think>`` with no opening (models that omit it)
+    makes everything before it reasoning.
+    """
+    if mode not in ("show", "hide"):
+        raise ValueError(f"think mode must be 'show' or 'hide', not {mode!r}")
+    show = mode == "show"
+    out: list[str] = []
+    segment = 0  # index in ``out`` where the text after the last reasoning block begins
+    position = 0
+    while position < len(text):
+        at = text.find("<", position)
+        if at < 0:
+            out.append(text[position:])
+            break
+        out.append(text[position:at])
+        opening = _opening(text, at, final)
+        if opening is True:
+            break  # an unfinished tag at the end: decided when more text arrives
+        if opening is False:
+            stray = _THINK_CLOSE.match(text, at)
+            if stray is None:
+                out.append("<")
+                position = at + 1
+                continue
+            reasoning = "".join(out[segment:])
+            del out[segment:]
+            if show:
+                out.append(f"<think>{reasoning}</think>")
+            position = stray.end()
+        else:
+            close, body_start = opening
+            end = close.search(text, body_start)
+            if end is None:
+                if show:
+                    body = text[body_start:]
+                    out.append("<think>" + (body if final else _without_partial_close(body, close.pattern)))
+                break
+            if show:
+                out.append(f"<think>{text[body_start:end.start()]}</think>")
+            position = end.end()
+        if not show and not "".join(out).strip():
+            # An answer that begins with hidden reasoning would begin with the blank lines after it.
+            while position < len(text) and text[position].isspace():
+                position += 1
+        segment = len(out)
+    return "".join(out)
+
+
+def outputs_text(outputs: Mapping[str, Any]) -> str:
+    """A workflow's answer from its outputs: the first non-empty string, else compact JSON of the rest."""
+    for value in outputs.values():
+        if isinstance(value, str) and value:
+            return value
+    data = {name: value for name, value in outputs.items() if not _is_file(value)}
+    if not data or all(value in (None, "", [], {}) for value in data.values()):
+        return ""
+    return json.dumps(data, ensure_ascii=False, separators=(",", ":"), default=str)
+
+
+def _is_file(value: Any) -> bool:
+    """Dify serialises workflow file outputs as objects tagged ``dify_model_identity``."""
+    if isinstance(value, list):
+        return bool(value) and all(_is_file(item) for item in value)
+    return isinstance(value, dict) and value.get("dify_model_identity") == "__dify__file__"
