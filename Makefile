@@ -23,14 +23,19 @@ $(VENV)/.test-installed: $(BIN)/python setup.cfg pyproject.toml
 run: $(VENV)/.run-installed
 	$(BIN)/laibao serve $(ARGS)
 
-# The tests start their own redis-server in a temporary directory: the binary must exist.
+# The tests start their own redis-server and MariaDB in temporary directories: the binaries must exist.
+# (mariadbd lives in /usr/sbin, which is not on every user's PATH.)
 system-deps:
-	@if ! command -v redis-server >/dev/null 2>&1; then \
+	@missing=""; \
+	command -v redis-server >/dev/null 2>&1 || missing="redis-server"; \
+	{ command -v mariadbd >/dev/null 2>&1 || [ -x /usr/sbin/mariadbd ]; } && command -v mariadb-install-db >/dev/null 2>&1 \
+	  || missing="$$missing mariadb-server"; \
+	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then \
-	    echo "installing redis-server (Debian package)"; \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; \
+	    echo "installing$$missing (Debian packages)"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	  else \
-	    echo "redis-server is missing: run 'sudo apt-get install redis-server' (or run make test as root)"; exit 1; \
+	    echo "missing:$$missing: run 'sudo apt-get install$$missing' (or run make test as root)"; exit 1; \
 	  fi; \
 	fi
 

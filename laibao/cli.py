@@ -1,4 +1,4 @@
-"""The `laibao` command: serve, chat, check, gen-key."""
+"""The `laibao` command: serve, chat, check, gen-key, db, users."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 from tornado.httpclient import AsyncHTTPClient
 
-from laibao import __version__
+from laibao import __version__, admin
 from laibao.config import BotConfig, Config, load_config
 from laibao.errors import ConfigError, LaibaoError
 
@@ -41,6 +41,7 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--config", help="TOML configuration file")
 
     sub.add_parser("gen-key", help="print a new Token and EncodingAESKey")
+    admin.add_parsers(sub)  # db init, users add|disable|enable|remove|list
     return parser
 
 
@@ -73,6 +74,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.command == "chat":
         return asyncio.run(_chat(config, args))
+    if args.command in ("db", "users"):
+        return admin.run(config, args)
     return asyncio.run(_check(config))
 
 

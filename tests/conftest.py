@@ -1,4 +1,4 @@
-"""Shared fixtures: a clean asyncio-backed IOLoop per test and a real redis-server per session."""
+"""Shared fixtures: a clean asyncio-backed IOLoop per test, a real redis-server and MariaDB per session."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import pytest
 import tornado.ioloop
 
-from tests.servers import RedisServer
+from tests.servers import MariaDBServer, RedisServer
 
 
 @pytest.fixture
@@ -38,3 +38,22 @@ def redis_url(redis_server: RedisServer) -> str:
         redis_server.start()
     redis_server.flush()
     return redis_server.url
+
+
+@pytest.fixture(scope="session")
+def mariadb_server() -> Iterator[MariaDBServer]:
+    """One real MariaDB server for the whole run, in a temporary datadir on a free port."""
+    server = MariaDBServer()
+    server.start()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def mysql_url(mariadb_server: MariaDBServer) -> Iterator[str]:
+    """The URL of a fresh, empty database on the running MariaDB (dropped after the test)."""
+    if mariadb_server.proc is None:
+        mariadb_server.start()
+    database = mariadb_server.create_database()
+    yield mariadb_server.url(database)
+    mariadb_server.drop_database(database)
