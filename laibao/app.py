@@ -44,6 +44,7 @@ def configure_logging(level: str) -> None:
 async def serve(config: Config) -> None:
     """Run the service until SIGTERM/SIGINT, then drain relays and close."""
     runtime = Runtime.build(config)
+    await runtime.start()
     app = make_app(runtime)
     # The handler refuses bodies over max_body_bytes with 413; the server limit only stops abuse.
     server = tornado.httpserver.HTTPServer(app, max_body_size=max(config.max_body_bytes * 8, 8 << 20))

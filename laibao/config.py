@@ -80,6 +80,8 @@ class Config:
     lease: float = 15.0
     stream_ttl: float = 1800.0
     msgid_ttl: float = 3600.0
+    stream_window: float = 360.0  # WeCom polls a stream for 6 minutes from the user's message
+    window_margin: float = 20.0  # finish the stream this long before the window closes
     flush_interval: float = 0.1
     flush_bytes: int = 1024
     max_body_bytes: int = 1024 * 1024
@@ -177,6 +179,8 @@ _GLOBAL_PARSERS: dict[str, Parser] = {
     "lease": _float,
     "stream_ttl": _float,
     "msgid_ttl": _float,
+    "stream_window": _float,
+    "window_margin": _float,
     "flush_interval": _float,
     "flush_bytes": _int,
     "max_body_bytes": _int,
@@ -389,12 +393,19 @@ def _check_globals(config: Config) -> list[str]:
         problems.append("mysql_url: must start with mysql://")
     if config.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         problems.append(f"log_level: must be DEBUG, INFO, WARNING or ERROR, got {config.log_level!r}")
-    if any(bot.auth == "token" for bot in config.bots) and not config.auth_url:
+    modes = {bot.auth for bot in config.bots}
+    if modes & {"allowlist", "token"} and not config.mysql_url:
+        problems.append("mysql_url: required when a bot uses auth = allowlist or token (the user records)")
+    if "token" in modes and not config.auth_url:
         problems.append("auth_url: required when a bot uses auth = token (LAIBAO_AUTH_URL)")
+    if "token" in modes and not config.secret_key:
+        problems.append("secret_key: required when a bot uses auth = token (it decrypts the users' secrets)")
     if config.auth_url and urlsplit(config.auth_url).scheme not in ("http", "https"):
         problems.append("auth_url: must be an http(s) URL")
     if config.secret_key and secret_key_bytes(config.secret_key) is None:
         problems.append("secret_key: must be base64 of 32 bytes (laibao gen-key prints one)")
+    if config.window_margin >= config.stream_window:
+        problems.append("window_margin: must be shorter than stream_window")
     if config.lease < 3 * config.flush_interval:
         problems.append("lease: must be well above flush_interval")
     return problems

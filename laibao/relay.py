@@ -9,30 +9,50 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 import uuid
-from collections import OrderedDict
 from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from tornado.httpclient import AsyncHTTPClient
+
 from laibao import texts
+from laibao.auth import AuthService, Credential, NotAuthorized
 from laibao.config import BotConfig, Config
+from laibao.crypto import WeComCrypto
+from laibao.delivery import post_markdown
 from laibao.dify import DifyClient
-from laibao.errors import DifyError, DifyHTTPError, StoreError
+from laibao.errors import AuthError, DifyError, DifyHTTPError, StoreError
+from laibao.media import (
+    MediaError,
+    MediaTooLarge,
+    MediaUnsupported,
+    check_upload,
+    download_wecom_media,
+    file_ref,
+    image_item,
+    image_links,
+    sniff,
+    split_for_wecom,
+    think_blocks,
+)
 from laibao.metrics import Metrics
-from laibao.sse import MessageDelta, MessageEnd, MessageReplace
-from laibao.wecom import Callback, stream_reply, text_reply
+from laibao.sse import MessageDelta, MessageEnd, MessageFile, MessageReplace
+from laibao.wecom import MAX_CONTENT_BYTES
 from stores.base import DONE, ERROR, Stores, StreamSession, StreamStore
+from stores.media_store import MediaHold
+from stores.turns_store import Turns
 
 log = logging.getLogger("laibao.relay")
 
-# WeCom polls a stream for at most 6 minutes from the user's message.
-STREAM_WINDOW = 360.0
 CONVERSATION_GONE = "Conversation Not Exists"
-WELCOME = "你好，我是 AI 助手，直接发消息提问即可。"
-SHOWN_CACHE_SIZE = 10000
+MAX_IMAGES = 10  # WeCom accepts at most 10 msg_item images on the finishing reply
+MODE_TTL = 600.0  # seconds the app mode and parameters from Dify are trusted
+TURN_POLL = 0.2  # seconds between checks whether a queued message's turn has come
+CHAT_MODES = frozenset({"chat", "agent-chat", "advanced-chat"})
 
 
 @dataclass(frozen=True)
@@ -46,6 +66,11 @@ class RelaySettings:
     flush_interval: float = 0.1
     flush_bytes: int = 1024
     log_content: bool = False
+    window: float = 360.0
+    window_margin: float = 20.0
+    media_hold_seconds: float = 300.0
+    media_max_bytes: int = 20 * 1024 * 1024
+    response_url_retries: int = 3
 
     @classmethod
     def from_config(cls, config: Config) -> RelaySettings:
@@ -58,6 +83,11 @@ class RelaySettings:
             flush_interval=config.flush_interval,
             flush_bytes=config.flush_bytes,
             log_content=config.log_content,
+            window=config.stream_window,
+            window_margin=config.window_margin,
+            media_hold_seconds=config.media_hold_seconds,
+            media_max_bytes=config.media_max_bytes,
+            response_url_retries=config.response_url_retries,
         )
 
 
@@ -123,6 +153,8 @@ class ChunkWriter:
         self._later: asyncio.Task[None] | None = None
         self._failure: BaseException | None = None
         self.wrote = False  # some answer text reached the store
+        self.offline = False  # the stream was finished early (window); text is only collected
+        self._answer: list[str] = []  # the whole answer so far, for response_url and images
         self.first_text_at: float | None = None  # monotonic time of the first text in the store
         self.writes = 0
 
@@ -136,6 +168,9 @@ class ChunkWriter:
         if self._failure is not None:
             raise self._failure
         if not text:
+            return
+        self._answer.append(text)
+        if self.offline:
             return
         self._pending.append(text)
         self._pending_bytes += len(text.encode("utf-8"))
@@ -196,8 +231,24 @@ class ChunkWriter:
         if self.first_text_at is None:
             self.first_text_at = time.monotonic()
 
+    @property
+    def answer(self) -> str:
+        """The whole answer received so far (after any message_replace)."""
+        return "".join(self._answer)
+
+    async def close_window(self, note: str) -> bool:
+        """Finish the stream now with what exists plus ``note``; keep collecting the rest offline."""
+        if self.offline:
+            return False
+        await self.finish(DONE, note, {})
+        self.offline = True
+        return True
+
     async def replace(self, text: str) -> None:
         """Make ``text`` the whole answer (Dify's message_replace)."""
+        self._answer = [text]
+        if self.offline:
+            return
         async with self._lock:
             self._cancel_timer()
             self._pending.clear()
@@ -213,6 +264,8 @@ class ChunkWriter:
         A store outage is retried with backoff for up to ``retry_for`` seconds, so a short Redis
         restart loses no answer.
         """
+        if self.offline:
+            return
         async with self._lock:
             self._cancel_timer()
             taken = len(self._pending)
@@ -246,160 +299,100 @@ class ChunkWriter:
             await asyncio.wait({self._later})
 
 
-class BotService:
-    """Everything one bot does with a callback: accept messages, answer refresh polls, relay Dify."""
+@dataclass
+class BotDeps:
+    """What one bot's service and relay use, built once by the Runtime."""
 
-    def __init__(
-        self,
-        bot: BotConfig,
-        stores: Stores,
-        dify: DifyClient,
-        settings: RelaySettings,
-        tasks: RelayTasks,
-        metrics: Metrics,
-        clock: Callable[[], float] = time.time,
-    ) -> None:
-        self.bot = bot
-        self.stores = stores
-        self.dify = dify
-        self.settings = settings
-        self.tasks = tasks
-        self.metrics = metrics
-        self.clock = clock
-        # The last content each stream showed, so a poll during a store outage never shows less.
-        self._shown: OrderedDict[str, str] = OrderedDict()
+    bot: BotConfig
+    stores: Stores
+    turns: Turns
+    media: MediaHold
+    dify: DifyClient
+    http: AsyncHTTPClient
+    crypto: WeComCrypto
+    settings: RelaySettings
+    tasks: RelayTasks
+    metrics: Metrics
+    auth: AuthService | None = None
+    clock: Callable[[], float] = time.time
 
-    async def on_callback(self, callback: Callback) -> dict[str, Any] | None:
-        """The plaintext reply to one callback, or None for an empty HTTP 200."""
-        try:
-            if callback.msgtype == "stream":
-                return await self.refresh(callback.stream_id)
-            if callback.msgtype in ("text", "voice"):
-                return await self.accept(callback)
-            if callback.msgtype == "event":
-                return text_reply(WELCOME) if callback.event_type == "enter_chat" else None
-        except StoreError as exc:
-            self.metrics.store_errors.inc()
-            log.error("bot %s: store unavailable while handling %s: %s", self.bot.key, callback.msgtype, exc)
-            if callback.msgtype == "stream":
-                # Keep WeCom polling with what it already showed: the answer may still arrive.
-                shown = self._shown.get(callback.stream_id) or self.bot.placeholder
-                return stream_reply(callback.stream_id, shown, finish=False)
-            return stream_reply(_new_id(), texts.BUSY, finish=True)
-        # image, mixed, file, video: not relayed yet; close the stream politely.
-        return stream_reply(_new_id(), texts.UNSUPPORTED, finish=True)
-
-    async def accept(self, callback: Callback) -> dict[str, Any]:
-        """Record a new message, start its relay and return the first stream reply, without waiting on Dify."""
-        sid = _new_id()
-        query = callback.text.strip()
-        if not query:
-            return stream_reply(sid, "请输入要问的内容。", finish=True)
-        winner = await self.stores.dedupe.claim(self.bot.key, callback.msgid, sid, self.settings.msgid_ttl)
-        if winner != sid:
-            # WeCom delivered the callback again (maybe to another process): same stream, no second Dify call.
-            log.info("bot %s: duplicate msgid, stream %s", self.bot.key, winner)
-            return await self.refresh(winner, duplicate=True)
-        now = self.clock()
-        draining = self.tasks.draining
-        session = StreamSession(
-            sid=sid,
-            bot=self.bot.key,
-            user=callback.userid,
-            chat=callback.chatid,
-            query=query,
-            scope=f"{callback.chatid}/{callback.userid}" if callback.is_group else callback.userid,
-            response_url=callback.response_url,
-            # A draining process records the message unowned: the first poll elsewhere takes it.
-            owner="" if draining else self.settings.node,
-            created=now,
-            deadline=now + STREAM_WINDOW,
-            heartbeat=0.0 if draining else now,
-        )
-        await self.stores.streams.create(session, self.settings.stream_ttl)
-        if not draining:
-            self.tasks.spawn(self.relay(session), name=f"relay-{sid}")
-        if self.settings.log_content:
-            log.info("bot %s: stream %s for %s: %s", self.bot.key, sid, callback.userid, query)
-        else:
-            log.info("bot %s: stream %s started for a %s chat", self.bot.key, sid, callback.chattype)
-        return stream_reply(sid, self.bot.placeholder, finish=False, feedback_id=sid)
-
-    async def refresh(self, sid: str, duplicate: bool = False) -> dict[str, Any]:
-        """Answer a refresh poll with the cumulative snapshot; finish once the final content is in it."""
-        snapshot = await self.stores.streams.poll(sid)
-        if snapshot is None:
-            if duplicate:
-                # The first delivery is being set up on another process right now.
-                return stream_reply(sid, self.bot.placeholder, finish=False)
-            return stream_reply(sid, texts.EXPIRED, finish=True)
-        if not snapshot.finished and not self.tasks.draining and self._orphaned(snapshot.owner, snapshot.heartbeat):
-            await self._take_over(sid, snapshot.owner)
-        content = snapshot.content or self.bot.placeholder
-        self._remember(sid, content, snapshot.finished)
-        return stream_reply(sid, content, finish=snapshot.finished)
-
-    def _remember(self, sid: str, content: str, finished: bool) -> None:
-        if finished:
-            self._shown.pop(sid, None)
-            return
-        self._shown[sid] = content
-        self._shown.move_to_end(sid)
-        while len(self._shown) > SHOWN_CACHE_SIZE:
-            self._shown.popitem(last=False)
-
-    def _orphaned(self, owner: str, heartbeat: float) -> bool:
-        return owner == "" or self.clock() - heartbeat > self.settings.lease
-
-    async def _take_over(self, sid: str, previous_owner: str) -> None:
-        """Adopt a session whose relay died (stale heartbeat) or was released; one process wins."""
-        if not await self.stores.streams.take_over(sid, self.settings.node, self.clock(), self.settings.lease):
-            return
-        session = await self.stores.streams.get(sid)
-        if session is None:
-            return
-        self.metrics.takeovers.labels(self.bot.key).inc()
-        log.warning("bot %s: took over stream %s from %s", self.bot.key, sid, previous_owner or "(released)")
-        self.tasks.spawn(self.relay(session, takeover=True), name=f"relay-{sid}")
+    def scope_of(self, userid: str, chatid: str) -> str:
+        """The conversation scope: the user in a single chat; the group, or the user in it, in groups."""
+        if not chatid:
+            return userid
+        return chatid if self.bot.group_scope == "chat" else f"{chatid}/{userid}"
 
     def dify_user(self, session: StreamSession) -> str:
-        """The Dify ``user`` for a session: conversations are scoped by it."""
+        """The Dify ``user`` for a session: conversations are scoped by it, so it follows the scope."""
+        if session.chat and self.bot.group_scope == "chat":
+            return f"wecom:group:{session.chat}"
         return f"wecom:{session.user}"
 
-    async def relay(self, session: StreamSession, takeover: bool = False) -> None:
+    async def credential(self, userid: str) -> Credential:
+        """Who the user is for Dify; open mode needs no lookup."""
+        if self.auth is None:
+            return Credential(userid)
+        return await self.auth.resolve(self.bot, userid)
+
+    def call_auth(self, credential: Credential) -> tuple[str | None, dict[str, Any]]:
+        """(bearer, inputs) of a Dify call for this user: the token in the header or as an input."""
+        if not credential.token:
+            return None, {}
+        if self.bot.auth_forward == "input":
+            return None, {self.bot.auth_input_name: credential.token}
+        return credential.token, {}
+
+
+class Relay:
+    """The background task of one message: wait for its turn, ask Dify, stream the answer into the store."""
+
+    def __init__(self, deps: BotDeps) -> None:
+        self.deps = deps
+        self._mode: tuple[str, float] | None = None
+        self._parameters: tuple[dict[str, Any], float] | None = None
+
+    async def mode(self) -> str:
+        """The app's mode from GET /info (cached); "chat" when Dify cannot tell."""
+        now = time.monotonic()
+        if self._mode is None or now - self._mode[1] > MODE_TTL:
+            try:
+                mode = str((await self.deps.dify.info()).get("mode") or "chat")
+            except DifyError as exc:
+                log.warning("bot %s: GET /info failed (%s); assuming a chat app", self.deps.bot.key, exc)
+                return self._mode[0] if self._mode else "chat"
+            self._mode = (mode, now)
+        return self._mode[0]
+
+    async def parameters(self, bearer: str | None = None) -> dict[str, Any]:
+        """The app's GET /parameters (cached): opening statement, upload settings and limits."""
+        now = time.monotonic()
+        if self._parameters is None or now - self._parameters[1] > MODE_TTL:
+            self._parameters = (await self.deps.dify.parameters(bearer), now)
+        return self._parameters[0]
+
+    async def run(self, session: StreamSession, takeover: bool = False) -> None:
         """Stream Dify's answer for ``session`` into the store until it is done or failed."""
-        writer = ChunkWriter(
-            self.stores.streams,
-            session.sid,
-            self.settings.node,
-            self.settings.flush_interval,
-            self.settings.flush_bytes,
-            self.clock,
-            replace_first=takeover,
-        )
-        beat = asyncio.get_running_loop().create_task(self._keep_alive(session.sid))
+        deps = self.deps
+        writer = ChunkWriter(deps.stores.streams, session.sid, deps.settings.node, deps.settings.flush_interval,
+                             deps.settings.flush_bytes, deps.clock, replace_first=takeover)
+        loop = asyncio.get_running_loop()
+        beat = loop.create_task(self._keep_alive(session.sid))
+        window = loop.create_task(self._watch_window(session, writer))
         started = time.monotonic()
-        self.metrics.active.inc()
+        deps.metrics.active.inc()
         try:
-            end = await self._ask_dify(session, writer)
-            fields = {"conversation_id": end.conversation_id, "message_id": end.message_id,
-                      "task_id": end.task_id}
-            await writer.finish(DONE, "", fields)
-            if end.conversation_id:
-                await self.stores.conversations.set(
-                    self.bot.key, session.scope, end.conversation_id, self.bot.conversation_ttl
-                )
-            self.metrics.answer.observe(time.monotonic() - started)
-            log.info("stream %s done in %.2f s (%d writes)", session.sid, time.monotonic() - started,
-                     writer.writes)
+            await self._answer(session, writer)
+            log.info("stream %s done in %.2f s (%d writes)", session.sid, time.monotonic() - started, writer.writes)
+            deps.metrics.answer.observe(time.monotonic() - started)
         except OwnershipLost:
             log.warning("stream %s: another process owns it now; this relay stops", session.sid)
-        except DifyError as exc:
-            self.metrics.dify_errors.labels(self.bot.key, _error_code(exc)).inc()
-            log.warning("stream %s: Dify failed: %s", session.sid, exc)
-            await self._fail(writer, session, texts.explain(exc))
+        except (DifyError, MediaError, AuthError) as exc:
+            if isinstance(exc, DifyError):
+                deps.metrics.dify_errors.labels(deps.bot.key, _error_code(exc)).inc()
+            log.warning("stream %s: failed: %s", session.sid, exc)
+            await self._fail(writer, session, explain_failure(exc, deps.bot))
         except StoreError as exc:
-            self.metrics.store_errors.inc()
+            deps.metrics.store_errors.inc()
             log.error("stream %s: store failed; another process takes it over after the lease: %s",
                       session.sid, exc)
         except asyncio.CancelledError:
@@ -410,15 +403,197 @@ class BotService:
             log.exception("stream %s: relay crashed", session.sid)
             await self._fail(writer, session, texts.GENERIC_ERROR)
         finally:
-            self.metrics.active.dec()
+            deps.metrics.active.dec()
             if writer.first_text_at is not None:
-                self.metrics.first_content.observe(writer.first_text_at - started)
+                deps.metrics.first_content.observe(writer.first_text_at - started)
             beat.cancel()
+            window.cancel()
             await writer.close()
+            await self._leave(session)
+
+    async def _answer(self, session: StreamSession, writer: ChunkWriter) -> None:
+        deps = self.deps
+        await self._wait_turn(session)
+        if (await self._flags(session.sid)).get("stop"):
+            await writer.finish(DONE, texts.STOPPED_NOTE, {})
+            return
+        credential = await deps.credential(session.user)
+        mode = await self.mode()
+        files = await self._files(session, credential)
+        end, files_out = await self._ask(session, writer, credential, mode, files)
+        flags = await self._flags(session.sid)
+        note = ("\n\n" + texts.STOPPED_NOTE) if flags.get("stop") else ""
+        answer = writer.answer + note
+        _, rest = render_answer(answer, deps.bot.think, final=True)
+        fields = {"conversation_id": end.conversation_id, "message_id": end.message_id, "task_id": end.task_id}
+        # Only links to Dify's own files: a link the model wrote must not make laibao fetch internal hosts.
+        linked = [url for url in image_links(writer.answer) if deps.dify.is_own_url(url)]
+        items = await self._images(files_out + linked)
+        if items:
+            fields["items"] = json.dumps(items)
+        offline = writer.offline
+        await writer.finish(DONE, note, fields)
+        if end.conversation_id and mode in CHAT_MODES:
+            await deps.stores.conversations.set(deps.bot.key, session.scope, end.conversation_id,
+                                                deps.bot.conversation_ttl)
+        if offline:
+            # The stream was closed before the answer was complete: send all of it.
+            await self._deliver(session, think_blocks(answer, deps.bot.think, final=True))
+        elif rest:
+            await self._deliver(session, rest)
+
+    async def _wait_turn(self, session: StreamSession) -> None:
+        """Messages of one conversation reach Dify one at a time, in arrival order, across processes."""
+        turns = self.deps.turns.turns
+        await turns.join(self.deps.bot.key, session.scope, session.sid, self.deps.settings.stream_ttl)
+        # Polled, not notified: the message ahead may be relayed by another process.
+        while not await turns.my_turn(self.deps.bot.key, session.scope, session.sid):  # noqa: ASYNC110
+            await asyncio.sleep(TURN_POLL)
+
+    async def _leave(self, session: StreamSession) -> None:
+        try:
+            await self.deps.turns.turns.leave(self.deps.bot.key, session.scope, session.sid)
+            await self.deps.turns.inflight.release(self.deps.bot.key, session.user, session.sid)
+        except StoreError as exc:
+            # Both entries are dropped by the next reader once the session is over or stale.
+            log.warning("stream %s: could not leave the queue: %s", session.sid, exc)
+
+    async def _flags(self, sid: str) -> Mapping[str, str]:
+        """The session's extras (e.g. the /stop flag); none while the store is unreachable."""
+        try:
+            session = await self.deps.stores.streams.get(sid)
+        except StoreError as exc:
+            # Only a /stop note could be missed; the answer itself must not be lost over it.
+            log.warning("stream %s: could not read its flags: %s", sid, exc)
+            return {}
+        return session.extra if session is not None else {}
+
+    async def _files(self, session: StreamSession, credential: Credential) -> list[dict[str, str]]:
+        """Dify ``files`` for the message's media: downloaded from WeCom, decrypted, uploaded for the user."""
+        if "files" in session.extra:  # uploaded before a takeover: the same files again
+            files: list[dict[str, str]] = json.loads(session.extra["files"])
+            return files
+        media = json.loads(session.extra.get("media", "[]"))
+        if not media:
+            return []
+        deps = self.deps
+        bearer, _ = deps.call_auth(credential)
+        parameters = await self.parameters(bearer)
+        files = []
+        for item in media:
+            data = await download_wecom_media(deps.http, item["url"], deps.crypto, deps.settings.media_max_bytes,
+                                              timeout=30.0)
+            kind = sniff(data, item.get("kind", ""))
+            dify_type = check_upload(kind, len(data), parameters)
+            upload = await deps.dify.upload_file(data, kind.filename(f"wecom-{len(files) + 1}"), kind.mime_type,
+                                                 deps.dify_user(session), bearer)
+            files.append(file_ref(dify_type, upload))
+        await deps.stores.streams.annotate(session.sid, {"files": json.dumps(files)})
+        return files
+
+    async def _ask(
+        self, session: StreamSession, writer: ChunkWriter, credential: Credential, mode: str,
+        files: list[dict[str, str]],
+    ) -> tuple[MessageEnd, list[str]]:
+        """The Dify call, retried once with a new conversation (404) or a fresh user token (401)."""
+        deps = self.deps
+        conversation_id = ""
+        if mode in CHAT_MODES:
+            conversation_id = await deps.stores.conversations.get(deps.bot.key, session.scope) or ""
+        token_retried = False
+        while True:
+            try:
+                return await self._stream(session, writer, credential, mode, files, conversation_id)
+            except DifyHTTPError as exc:
+                if conversation_id and exc.status == 404 and exc.message.startswith(CONVERSATION_GONE):
+                    log.info("stream %s: Dify lost the conversation; starting a new one", session.sid)
+                    await deps.stores.conversations.delete(deps.bot.key, session.scope)
+                    conversation_id = ""
+                    continue
+                if exc.status == 401 and credential.token and deps.auth is not None and not token_retried:
+                    log.info("stream %s: Dify refused the user's token; signing in again", session.sid)
+                    await deps.auth.invalidate(session.user, credential.token)
+                    credential = await deps.auth.resolve(deps.bot, session.user)
+                    token_retried = True
+                    continue
+                raise
+
+    async def _stream(
+        self, session: StreamSession, writer: ChunkWriter, credential: Credential, mode: str,
+        files: list[dict[str, str]], conversation_id: str,
+    ) -> tuple[MessageEnd, list[str]]:
+        deps = self.deps
+        bearer, inputs = deps.call_auth(credential)
+        events = deps.dify.chat_stream(query=session.query, user=deps.dify_user(session),
+                                       conversation_id=conversation_id, inputs=inputs, files=files or None,
+                                       mode=mode, bearer=bearer)
+        images: list[str] = []
+        task_seen = False
+        # aclosing: returning at message_end must still close the HTTP stream at once.
+        async with contextlib.aclosing(events):
+            async for event in events:
+                if event.task_id and not task_seen:
+                    task_seen = True
+                    await self._note_task(session, event.task_id, mode, bearer)
+                if isinstance(event, MessageDelta):
+                    await writer.add(event.answer)
+                elif isinstance(event, MessageReplace):
+                    await writer.replace(event.answer)
+                elif isinstance(event, MessageFile) and event.file_type == "image" and event.url:
+                    images.append(event.url)
+                elif isinstance(event, MessageEnd):
+                    return event, images
+        raise DifyError("Dify stream ended without message_end")  # the client raises first; kept for safety
+
+    async def _note_task(self, session: StreamSession, task_id: str, mode: str, bearer: str | None) -> None:
+        """Record Dify's task id so /stop on any process can reach it; honour a /stop that came first."""
+        deps = self.deps
+        try:
+            await deps.stores.streams.annotate(session.sid, {"task_id": task_id, "mode": mode})
+        except StoreError as exc:
+            log.warning("stream %s: could not record the task id (/stop cannot reach it): %s", session.sid, exc)
+            return
+        if (await self._flags(session.sid)).get("stop"):
+            await deps.dify.stop(task_id, deps.dify_user(session), mode, bearer)
+
+    async def _images(self, urls: list[str]) -> list[dict[str, Any]]:
+        """WeCom msg_item images for the answer's generated images (JPG/PNG, at most 10)."""
+        items = []
+        for url in urls[:MAX_IMAGES]:
+            item = await image_item(self.deps.dify.fetch, url)
+            if item is not None:
+                items.append(item)
+        return items
+
+    async def _deliver(self, session: StreamSession, content: str) -> None:
+        """Send ``content`` through the message's response_url (once)."""
+        if not session.response_url or not content.strip():
+            return
+        head, cut = split_for_wecom(content)
+        if cut:
+            # One response_url message holds 20480 bytes too, and it can be used only once.
+            note = "\n\n" + texts.TRUNCATED_NOTE
+            head, _ = split_for_wecom(content, MAX_CONTENT_BYTES - len(note.encode("utf-8")))
+            content = head + note
+        delivered = await post_markdown(self.deps.http, session.response_url, content,
+                                        retries=self.deps.settings.response_url_retries)
+        log.log(logging.INFO if delivered else logging.ERROR, "stream %s: response_url delivery %s",
+                session.sid, "done" if delivered else "failed")
+
+    async def _watch_window(self, session: StreamSession, writer: ChunkWriter) -> None:
+        """Close the stream shortly before WeCom stops polling; the full answer follows via response_url."""
+        settings = self.deps.settings
+        closes = session.created + settings.window - settings.window_margin
+        await asyncio.sleep(max(0.0, closes - self.deps.clock()))
+        try:
+            if await writer.close_window("\n\n" + texts.WINDOW_NOTE):
+                log.info("stream %s: WeCom's window closes; the rest follows via response_url", session.sid)
+        except (StoreError, OwnershipLost) as exc:
+            log.warning("stream %s: could not close the stream before the window: %s", session.sid, exc)
 
     async def _release(self, sid: str) -> None:
         try:
-            if await self.stores.streams.release(sid, self.settings.node):
+            if await self.deps.stores.streams.release(sid, self.deps.settings.node):
                 log.warning("stream %s released for another process to finish", sid)
         except StoreError as exc:
             log.error("stream %s: could not release (taken over after the lease): %s", sid, exc)
@@ -431,44 +606,50 @@ class BotService:
         except (StoreError, OwnershipLost) as exc:
             log.error("stream %s: could not record the failure: %s", session.sid, exc)
 
-    async def _ask_dify(self, session: StreamSession, writer: ChunkWriter) -> MessageEnd:
-        """Run the Dify call, retrying once with a new conversation when Dify forgot the stored one."""
-        conversation_id = await self.stores.conversations.get(self.bot.key, session.scope) or ""
-        while True:
-            try:
-                return await self._stream(session, conversation_id, writer)
-            except DifyHTTPError as exc:
-                if not (conversation_id and exc.status == 404 and exc.message.startswith(CONVERSATION_GONE)):
-                    raise
-                log.info("stream %s: Dify lost conversation; starting a new one", session.sid)
-                await self.stores.conversations.delete(self.bot.key, session.scope)
-                conversation_id = ""
-
-    async def _stream(self, session: StreamSession, conversation_id: str, writer: ChunkWriter) -> MessageEnd:
-        events = self.dify.chat_stream(
-            query=session.query, user=self.dify_user(session), conversation_id=conversation_id
-        )
-        # aclosing: returning at message_end must still close the HTTP stream at once.
-        async with contextlib.aclosing(events):
-            async for event in events:
-                if isinstance(event, MessageDelta):
-                    await writer.add(event.answer)
-                elif isinstance(event, MessageReplace):
-                    await writer.replace(event.answer)
-                elif isinstance(event, MessageEnd):
-                    return event
-        raise DifyError("Dify stream ended without message_end")  # the client raises first; kept for safety
-
     async def _keep_alive(self, sid: str) -> None:
         """Refresh the session's heartbeat while the relay runs, so no other process takes it over."""
-        period = self.settings.lease / 3
+        period = self.deps.settings.lease / 3
         while True:
             await asyncio.sleep(period)
             try:
-                if not await self.stores.streams.heartbeat(sid, self.settings.node, self.clock()):
+                if not await self.deps.stores.streams.heartbeat(sid, self.deps.settings.node, self.deps.clock()):
                     return
             except StoreError as exc:
                 log.warning("stream %s: heartbeat failed: %s", sid, exc)
+
+
+def render_answer(text: str, think: str, final: bool) -> tuple[str, str]:
+    """(what the stream shows, what must follow via response_url) for an answer's raw text.
+
+    Reasoning is shown as WeCom's <think> or hidden; an answer over 20480 UTF-8 bytes shows its first
+    part with a note saying the rest follows.
+    """
+    content = think_blocks(text, think, final=final)
+    head, rest = split_for_wecom(content)
+    if not rest:
+        return head, ""
+    note = "\n\n" + texts.OVERFLOW_NOTE
+    head, rest = split_for_wecom(content, MAX_CONTENT_BYTES - len(note.encode("utf-8")))
+    return head + note, rest
+
+
+def explain_failure(exc: Exception, bot: BotConfig) -> str:
+    """The short sentence a user sees for a failed answer, media and sign-in included."""
+    if isinstance(exc, NotAuthorized):
+        return bot.denied_text
+    if isinstance(exc, AuthError):
+        return texts.SIGN_IN_FAILED
+    if isinstance(exc, MediaTooLarge):
+        return texts.MEDIA_TOO_LARGE
+    if isinstance(exc, MediaUnsupported):
+        return texts.MEDIA_UNSUPPORTED
+    if isinstance(exc, MediaError):
+        return texts.MEDIA_UNAVAILABLE
+    if isinstance(exc, DifyHTTPError) and exc.status == 413:
+        return texts.MEDIA_TOO_LARGE
+    if isinstance(exc, DifyHTTPError) and exc.status == 415:
+        return texts.MEDIA_UNSUPPORTED
+    return texts.explain(exc)
 
 
 def _error_code(exc: DifyError) -> str:
@@ -479,5 +660,6 @@ def _error_code(exc: DifyError) -> str:
     return type(exc).__name__
 
 
-def _new_id() -> str:
+def new_id() -> str:
+    """A new stream id."""
     return uuid.uuid4().hex

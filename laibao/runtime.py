@@ -7,13 +7,20 @@ from dataclasses import dataclass
 
 from tornado.httpclient import AsyncHTTPClient
 
+from laibao.auth import AuthService
 from laibao.config import BotConfig, Config
 from laibao.crypto import WeComCrypto
 from laibao.dify import DifyClient
 from laibao.errors import StoreError
 from laibao.metrics import Metrics
-from laibao.relay import BotService, RelaySettings, RelayTasks
+from laibao.relay import BotDeps, RelaySettings, RelayTasks
+from laibao.service import BotService
 from stores import Stores, open_stores
+from stores.media_store import MediaHold, MemoryMediaHold, RedisMediaHold
+from stores.redis_store import RedisStores
+from stores.tokens import open_token_cache
+from stores.turns_store import MemoryTurns, RedisTurns, Turns, session_status
+from stores.users import UserStore, open_user_store
 
 log = logging.getLogger("laibao.runtime")
 
@@ -30,12 +37,25 @@ class BotRuntime:
 class Runtime:
     """Everything a handler may reach: configuration, stores, bots and their running relays."""
 
-    def __init__(self, config: Config, stores: Stores, http: AsyncHTTPClient) -> None:
+    def __init__(self, config: Config, stores: Stores, http: AsyncHTTPClient,
+                 users: UserStore | None = None) -> None:
         self.config = config
         self.stores = stores
         self.http = http
         self.tasks = RelayTasks()
         self.metrics = Metrics()
+        turns: Turns
+        media: MediaHold
+        if isinstance(stores, RedisStores):
+            turns, media = RedisTurns(stores.client), RedisMediaHold(stores.client)
+        else:
+            turns, media = MemoryTurns(session_status(stores.streams)), MemoryMediaHold()
+        # The user store and token cache are only opened when a bot checks who may talk to it.
+        self.auth: AuthService | None = None
+        if any(bot.auth != "open" for bot in config.bots):
+            self.auth = AuthService(config, users or open_user_store(config), open_token_cache(config), http)
+            self.metrics.add_counters("laibao_auth_resolutions", "User resolutions by cache level and outcome",
+                                      "level", self.auth.stats)
         settings = RelaySettings.from_config(config)
         self.bots: dict[str, BotRuntime] = {}
         for bot in config.bots:
@@ -48,8 +68,10 @@ class Runtime:
                 total_timeout=config.dify_total_timeout,
             )
             crypto = WeComCrypto(bot.token, bot.aes_key, bot.receive_id)
-            service = BotService(bot, stores, dify, settings, self.tasks, self.metrics)
-            self.bots[bot.name] = BotRuntime(bot, crypto, service)
+            deps = BotDeps(bot=bot, stores=stores, turns=turns, media=media, dify=dify, http=http, crypto=crypto,
+                           settings=settings, tasks=self.tasks, metrics=self.metrics,
+                           auth=self.auth if bot.auth != "open" else None)
+            self.bots[bot.name] = BotRuntime(bot, crypto, BotService(deps))
 
     @classmethod
     def build(cls, config: Config) -> Runtime:
@@ -57,6 +79,11 @@ class Runtime:
         # Each live answer holds one HTTP connection to Dify: the default of 10 would queue answers.
         http = AsyncHTTPClient(force_instance=True, max_clients=config.http_max_clients)
         return cls(config, open_stores(config.redis_url or None), http)
+
+    async def start(self) -> None:
+        """Start background listeners (token invalidations from other processes)."""
+        if self.auth is not None:
+            await self.auth.start()
 
     @property
     def draining(self) -> bool:
@@ -72,6 +99,11 @@ class Runtime:
             await self.stores.ping()
         except StoreError as exc:
             failures["redis"] = str(exc) or "unreachable"
+        if self.auth is not None and self.config.mysql_url:
+            try:
+                await self.auth.users.ping()
+            except StoreError as exc:
+                failures["mysql"] = str(exc) or "unreachable"
         return failures
 
     async def close(self, grace: float = 0.0) -> None:
@@ -79,5 +111,7 @@ class Runtime:
         cancelled = await self.tasks.drain(grace)
         if cancelled:
             log.warning("%d relays were still running at shutdown", cancelled)
+        if self.auth is not None:
+            await self.auth.close()
         await self.stores.close()
         self.http.close()

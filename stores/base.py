@@ -94,8 +94,9 @@ class StreamStore(Protocol):
         """Set Dify ids or extras on an existing session, whoever owns it; False if it is missing."""
         ...
 
-    async def poll(self, sid: str) -> Snapshot | None:
-        """Read everything in one round trip, marking the chunks read; None if unknown or expired."""
+    async def poll(self, sid: str, bot: str = "") -> Snapshot | None:
+        """Read everything in one round trip, marking the chunks read; None if unknown, expired or (when
+        ``bot`` is given) another bot's, which then changes nothing."""
         ...
 
     async def take_over(self, sid: str, new_owner: str, now: float, lease: float) -> bool:

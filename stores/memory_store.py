@@ -256,10 +256,10 @@ class MemoryStreamStore:
         self._sessions.touch(sid, s.ttl)
         return True
 
-    async def poll(self, sid: str) -> Snapshot | None:
-        """Read everything, marking the chunks read; None if unknown or expired."""
+    async def poll(self, sid: str, bot: str = "") -> Snapshot | None:
+        """Read everything, marking the chunks read; None if unknown, expired or another bot's."""
         s = self._sessions.get(sid)
-        if s is None:
+        if s is None or (bot and s.bot != bot):
             return None
         unread = s.read.count(False)
         s.read = [True] * len(s.chunks)

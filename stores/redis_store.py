@@ -164,12 +164,13 @@ return 1
 
 POLL_LUA = """
 -- KEYS[1] stream key
--- ARGV none
--- returns nil if the session is missing, else
+-- ARGV[1] the polling bot ('' = any)
+-- returns nil if the session is missing or belongs to another bot (nothing changes then), else
 --   {status, content, n, unread, owner, heartbeat, deadline, final_delivered (0/1)}
 -- and marks every chunk read; a terminal status also marks the final content delivered ('fin')
-local h = redis.call('HMGET', KEYS[1], 'status', 'n', 'owner', 'heartbeat', 'deadline', 'fin')
+local h = redis.call('HMGET', KEYS[1], 'status', 'n', 'owner', 'heartbeat', 'deadline', 'fin', 'bot')
 if not h[1] then return false end
+if ARGV[1] ~= '' and h[7] ~= ARGV[1] then return false end
 local n = tonumber(h[2]) or 0
 local parts = {}
 local unread = {}
@@ -371,10 +372,10 @@ class RedisStreamStore:
         with _mapped("heartbeat"):
             return bool(await self._heartbeat(keys=[self.key(sid)], args=[owner, repr(float(now))]))
 
-    async def poll(self, sid: str) -> Snapshot | None:
-        """Read everything in one round trip, marking the chunks read; None if unknown or expired."""
+    async def poll(self, sid: str, bot: str = "") -> Snapshot | None:
+        """Read everything in one round trip, marking the chunks read; None if unknown, expired or another bot's."""
         with _mapped("poll"):
-            reply: Sequence[Any] | None = await self._poll(keys=[self.key(sid)])
+            reply: Sequence[Any] | None = await self._poll(keys=[self.key(sid)], args=[bot])
         if reply is None:
             return None
         status, content, n, unread, owner, heartbeat, deadline, fin = reply

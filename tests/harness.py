@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -88,6 +89,16 @@ class WeCom:
         assert reply is not None and reply["msgtype"] == "stream", reply
         stream: dict[str, Any] = reply["stream"]
         return stream
+
+
+async def eventually(check: Callable[[], Awaitable[bool] | bool], what: str, tries: int = 400) -> None:
+    """Re-check ``check`` every 50 ms until it holds; fail naming ``what`` after ``tries`` checks."""
+    for _ in range(tries):
+        result = check()
+        if await result if inspect.isawaitable(result) else result:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"never happened: {what}")
 
 
 async def follow(wecoms: list[WeCom], stream_id: str, limit: int = 400, pause: float = 0.02) -> list[dict[str, Any]]:
@@ -239,14 +250,21 @@ def service_config(dify_url: str, redis_url: str, **overrides: object) -> Config
 
 
 @contextmanager
-def running_service(io_loop: IOLoop, redis_url: str, **overrides: object) -> Iterator[Service]:
-    """laibao in this process (in-process store when ``redis_url`` is empty) with a fresh Dify stand-in."""
+def running_service(
+    io_loop: IOLoop, redis_url: str, configure: Callable[[str], Config] | None = None, **overrides: object
+) -> Iterator[Service]:
+    """laibao in this process (in-process store when ``redis_url`` is empty) with a fresh Dify stand-in.
+
+    ``configure(dify_base_url)`` builds the whole configuration instead of the single environment bot.
+    """
     port = free_port()
 
     async def start() -> tuple[Service, tornado.httpserver.HTTPServer]:
         dify = DifyStub()
         await dify.start()
-        runtime = Runtime.build(service_config(dify.base_url, redis_url, **overrides))
+        config = configure(dify.base_url) if configure else service_config(dify.base_url, redis_url, **overrides)
+        runtime = Runtime.build(config)
+        await runtime.start()
         server = tornado.httpserver.HTTPServer(make_app(runtime), max_body_size=8 << 20)
         server.listen(port, address="127.0.0.1")
         http = AsyncHTTPClient(force_instance=True)

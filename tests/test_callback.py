@@ -190,8 +190,8 @@ async def test_unknown_stream_id_finishes_with_an_explanation(service: Service) 
 
 @pytest.mark.gen_test(timeout=30)
 async def test_other_msgtypes_and_events(service: Service) -> None:
-    image = message("", msgtype="image", image={"url": "https://example.invalid/x"})
-    stream = await service.wecom.stream(image)
+    odd = message("", msgtype="location", location={"latitude": 1})
+    stream = await service.wecom.stream(odd)
     assert (stream["content"], stream["finish"]) == (texts.UNSUPPORTED, True)
     enter = {"msgid": "e1", "aibotid": "AIBOT", "from": {"userid": "zhangsan"}, "chattype": "single",
              "msgtype": "event", "event": {"eventtype": "enter_chat"}}

@@ -135,3 +135,16 @@ def test_gen_key_prints_a_usable_pair(capsys: pytest.CaptureFixture[str]) -> Non
     lines = dict(line.split("=", 1) for line in capsys.readouterr().out.splitlines())
     env = dict(ENV, LAIBAO_WECOM_TOKEN=lines["LAIBAO_WECOM_TOKEN"], LAIBAO_WECOM_AES_KEY=lines["LAIBAO_WECOM_AES_KEY"])
     assert load_config(environ=env, dotenv=None).bots[0].aes_key == lines["LAIBAO_WECOM_AES_KEY"]
+
+
+def test_auth_modes_need_their_backends() -> None:
+    assert problems_of(environ=dict(ENV, LAIBAO_AUTH_MODE="token")) == [
+        "mysql_url: required when a bot uses auth = allowlist or token (the user records)",
+        "auth_url: required when a bot uses auth = token (LAIBAO_AUTH_URL)",
+        "secret_key: required when a bot uses auth = token (it decrypts the users' secrets)",
+    ]
+    assert problems_of(environ=dict(ENV, LAIBAO_AUTH_MODE="sometimes")) == [
+        "LAIBAO_AUTH_MODE: expected one of open, allowlist, token, got 'sometimes'"]
+    config = load_config(environ=dict(ENV, LAIBAO_AUTH_MODE="allowlist", LAIBAO_MYSQL_URL="mysql://u:p@h/db"),
+                         dotenv=None)
+    assert config.bots[0].auth == "allowlist"

@@ -184,6 +184,15 @@ async def test_finish_appends_text_and_sets_fields(stores: AnyStores) -> None:
 
 
 @pytest.mark.gen_test
+async def test_poll_for_another_bot_sees_nothing_and_changes_nothing(stores: AnyStores) -> None:
+    await stores.streams.create(session(bot="hr"), TTL)
+    await stores.streams.append("s1", "node-a", "人事的回答", T0)
+    assert await stores.streams.poll("s1", "it") is None
+    own = await stores.streams.poll("s1", "hr")
+    assert own is not None and (own.content, own.unread) == ("人事的回答", 1)
+
+
+@pytest.mark.gen_test
 async def test_annotate_sets_fields_whoever_owns_it(stores: AnyStores) -> None:
     await stores.streams.create(session(), TTL)
     await stores.streams.append("s1", "node-a", "答", T0)
