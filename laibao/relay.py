@@ -20,7 +20,7 @@ from typing import Any
 from tornado.httpclient import AsyncHTTPClient
 
 from laibao import texts
-from laibao.auth import AuthService, Credential, NotAuthorized
+from laibao.auth import AuthService, AuthUnavailable, Credential, NotAuthorized
 from laibao.config import BotConfig, Config
 from laibao.crypto import WeComCrypto
 from laibao.delivery import post_markdown
@@ -510,9 +510,12 @@ class Relay:
                     await deps.stores.conversations.delete(deps.bot.key, session.scope)
                     conversation_id = ""
                     continue
-                if exc.status == 401 and credential.token and deps.auth is not None and not token_retried:
-                    log.info("stream %s: Dify refused the user's token; signing in again", session.sid)
+                if exc.status == 401 and credential.token and deps.auth is not None:
+                    # Dropped everywhere (Redis and every process's cache) before signing in again.
                     await deps.auth.invalidate(session.user, credential.token)
+                    if token_retried:
+                        raise AuthUnavailable(session.user, "token refused by Dify twice") from exc
+                    log.info("stream %s: Dify refused the user's token; signing in again", session.sid)
                     credential = await deps.auth.resolve(deps.bot, session.user)
                     token_retried = True
                     continue

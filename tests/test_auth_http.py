@@ -1,0 +1,223 @@
+"""Who may talk to the bot, through the real HTTP path: real MariaDB, real Redis, the auth stand-in.
+
+What WeCom shows, what Dify received (which bearer, which inputs), and how many sign-ins were made.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import redis.asyncio as aioredis
+from tornado.ioloop import IOLoop
+
+from laibao import texts
+from laibao.config import DEFAULT_DENIED
+from stores.users import MySQLUserStore, User
+from tests.authstub import SECRET_KEY, AuthStub
+from tests.difystub import DifyStub
+from tests.harness import Cluster, Service, assert_no_secrets, follow, message, running_cluster, running_service
+
+SECRET = "zhangsan-secret-6f1c"
+ACCOUNTS = {"E1001": SECRET, "E1002": "lisi-secret-83ad"}
+
+
+class Revocable(set[str]):
+    """Dify's per-user token check: accepts what the auth service issued and was not revoked."""
+
+    def __init__(self, auth: AuthStub) -> None:
+        super().__init__()
+        self.auth = auth
+        self.revoked: set[str] = set()
+        self.refuse_all = False
+
+    def __contains__(self, token: object) -> bool:
+        return not self.refuse_all and token in self.auth.issued and token not in self.revoked
+
+
+@dataclass
+class Secured:
+    auth: AuthStub
+    svc: Service
+    revocable: Revocable
+
+    def bearers(self) -> list[str]:
+        """The Authorization header of every chat call Dify received, without "Bearer "."""
+        return [c.headers["Authorization"].removeprefix("Bearer ") for c in self.svc.dify.chat_calls]
+
+
+def seed_users(io_loop: IOLoop, mysql_url: str) -> None:
+    async def seed() -> None:
+        users = MySQLUserStore(mysql_url, base64.b64decode(SECRET_KEY))
+        await users.init_schema()
+        await users.add(User("zhangsan", name="张三", code="E1001", secret=SECRET))
+        await users.add(User("lisi", name="李四", code="E1002", secret="lisi-secret-83ad", enabled=False))
+        await users.close()
+
+    io_loop.run_sync(seed)
+
+
+def auth_settings(auth: AuthStub, mysql_url: str, mode: str, **more: str) -> dict[str, str]:
+    return {"auth_mode": mode, "auth_url": auth.url, "mysql_url": mysql_url, "secret_key": SECRET_KEY,
+            "auth_timeout": "1", **more}
+
+
+@pytest.fixture
+def secured(request: pytest.FixtureRequest, io_loop: IOLoop, mysql_url: str, redis_url: str) -> Iterator[Secured]:
+    """laibao with the auth mode of the ``settings`` marker (token by default)."""
+    seed_users(io_loop, mysql_url)
+    auth = AuthStub(accounts=ACCOUNTS)
+    io_loop.run_sync(auth.start)
+    marker = request.node.get_closest_marker("settings")
+    extra = dict(marker.kwargs) if marker else {}
+    mode = extra.pop("auth_mode", "token")
+    try:
+        with running_service(io_loop, redis_url, **auth_settings(auth, mysql_url, mode, **extra)) as svc:
+            revocable = Revocable(auth)
+            svc.dify.user_tokens = revocable
+            yield Secured(auth, svc, revocable)
+    finally:
+        io_loop.run_sync(auth.stop)
+
+
+async def ask(svc: Service, text: str, user: str = "zhangsan") -> str:
+    """The final content WeCom shows for a message."""
+    first = await svc.wecom.stream(message(text, user=user))
+    if first["finish"]:
+        return str(first["content"])
+    return str((await follow([svc.wecom], str(first["id"])))[-1]["content"])
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_token_mode_forwards_the_users_token_and_signs_in_once(secured: Secured) -> None:
+    svc = secured.svc
+    assert await ask(svc, "第一问") == svc.dify.default.answer
+    assert await ask(svc, "第二问") == svc.dify.default.answer
+    (token,) = secured.auth.issued
+    assert secured.bearers() == [token, token]
+    assert len(secured.auth.calls) == 1
+    assert secured.auth.calls[0].json == {"code": "E1001", "secret": SECRET}
+    metrics = (await svc.wecom.http.fetch(svc.wecom.base_url + "/metrics")).body.decode()
+    assert 'laibao_auth_resolutions_total{level="service"} 1.0' in metrics
+    assert 'laibao_auth_resolutions_total{level="process"}' in metrics
+    redis = aioredis.Redis.from_url(svc.redis_url, decode_responses=True)
+    assert await redis.get("authorization:wechatid:zhangsan") == token
+    assert await redis.exists(f"authorization:token:{token}")
+    await redis.aclose()
+
+
+@pytest.mark.settings(auth_forward="input", auth_input_name="user_token")
+@pytest.mark.gen_test(timeout=30)
+async def test_token_mode_can_forward_the_token_as_a_dify_input(secured: Secured) -> None:
+    await ask(secured.svc, "问题")
+    (call,) = secured.svc.dify.chat_calls
+    assert call.headers["Authorization"] == "Bearer app-test-key"
+    assert call.json["inputs"] == {"user_token": secured.auth.issued[0]}
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_a_refused_token_is_dropped_and_the_user_signs_in_again_once(secured: Secured) -> None:
+    svc = secured.svc
+    await ask(svc, "第一问")
+    first = secured.auth.issued[0]
+    secured.revocable.revoked.add(first)  # the token expired at the gateway
+    assert await ask(svc, "第二问") == svc.dify.default.answer
+    second = secured.auth.issued[1]
+    assert secured.bearers() == [first, first, second]
+    # Refused every time: one re-sign-in, then a clear message.
+    secured.revocable.refuse_all = True
+    assert await ask(svc, "第三问") == texts.SIGN_IN_FAILED
+    assert len(secured.auth.calls) == 3
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_sign_in_failures_get_a_short_message_and_cache_nothing(secured: Secured) -> None:
+    svc = secured.svc
+    secured.auth.answer.status = 500
+    assert await ask(svc, "问题") == texts.SIGN_IN_FAILED
+    secured.auth.answer.status = 200
+    secured.auth.answer.garbage = True
+    assert await ask(svc, "问题") == texts.SIGN_IN_FAILED
+    await secured.auth.stop()  # down
+    assert await ask(svc, "问题") == texts.SIGN_IN_FAILED
+    assert svc.dify.chat_calls == []
+    redis = aioredis.Redis.from_url(svc.redis_url, decode_responses=True)
+    assert await redis.keys("authorization:*") == []
+    await redis.aclose()
+    assert (await svc.wecom.http.fetch(svc.wecom.base_url + "/healthz")).code == 200
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_unknown_or_disabled_users_are_told_whom_to_ask(secured: Secured) -> None:
+    assert await ask(secured.svc, "我能用吗", user="stranger") == DEFAULT_DENIED
+    assert await ask(secured.svc, "我能用吗", user="lisi") == DEFAULT_DENIED
+    assert secured.svc.dify.chat_calls == [] and secured.auth.calls == []
+
+
+@pytest.mark.settings(auth_mode="allowlist", denied_text="请找 IT 部开通权限。")
+@pytest.mark.gen_test(timeout=30)
+async def test_allowlist_mode(secured: Secured) -> None:
+    svc = secured.svc
+    assert await ask(svc, "你好") == svc.dify.default.answer
+    assert secured.bearers() == ["app-test-key"]
+    assert await ask(svc, "你好", user="lisi") == "请找 IT 部开通权限。"
+    assert await ask(svc, "你好", user="stranger") == "请找 IT 部开通权限。"
+    assert len(svc.dify.chat_calls) == 1 and secured.auth.calls == []
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_no_secret_or_token_in_the_logs(secured: Secured, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    await ask(secured.svc, "机密")
+    secured.revocable.revoked.add(secured.auth.issued[0])
+    await ask(secured.svc, "机密二")
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    assert "stream" in logged
+    assert_no_secrets(logged, SECRET, SECRET_KEY, *secured.auth.issued, "机密")
+
+
+# ------------------------------------------------------------------------------------ two processes
+
+@pytest.fixture
+def token_cluster(
+    io_loop: IOLoop, mysql_url: str, redis_url: str, tmp_path: Path
+) -> Iterator[tuple[Cluster, AuthStub]]:
+    seed_users(io_loop, mysql_url)
+    auth = AuthStub(accounts=ACCOUNTS)
+    io_loop.run_sync(auth.start)
+    settings = {f"LAIBAO_{k.upper()}": v for k, v in auth_settings(auth, mysql_url, "token").items()}
+    try:
+        with running_cluster(io_loop, redis_url, tmp_path, **settings) as cluster:
+            yield cluster, auth
+    finally:
+        io_loop.run_sync(auth.stop)
+
+
+@pytest.mark.slow
+@pytest.mark.gen_test(timeout=60)
+async def test_a_token_refused_on_one_process_is_dropped_on_every_process(
+    token_cluster: tuple[Cluster, AuthStub],
+) -> None:
+    cluster, auth = token_cluster
+    dify: DifyStub = cluster.dify
+    revocable = Revocable(auth)
+    dify.user_tokens = revocable
+    to_a, to_b = cluster.wecom(cluster.a), cluster.wecom(cluster.b)
+    await follow([to_a], str((await to_a.stream(message("A 上的第一问")))["id"]))  # A signs in: T1 cached on A
+    await follow([to_b], str((await to_b.stream(message("B 上的问题")))["id"]))  # B finds T1 in Redis
+    first = auth.issued[0]
+    revocable.revoked.add(first)
+    await follow([to_b], str((await to_b.stream(message("B 上的第二问")))["id"]))  # 401 on B: drop, sign in: T2
+    second = auth.issued[1]
+    polls = await follow([to_a], str((await to_a.stream(message("A 上的第二问")))["id"]))
+    assert polls[-1]["content"] == dify.default.answer
+    bearers = [c.headers["Authorization"].removeprefix("Bearer ") for c in dify.chat_calls]
+    # A used T2 straight away: its cached T1 was dropped by B's invalidation, so no 401 and no third sign-in.
+    assert bearers == [first, first, first, second, second]
+    assert len(auth.calls) == 2
+    for proc in (cluster.a, cluster.b):
+        assert_no_secrets(proc.log(), SECRET, first, second)
