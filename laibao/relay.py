@@ -52,6 +52,7 @@ CONVERSATION_GONE = "Conversation Not Exists"
 MAX_IMAGES = 10  # WeCom accepts at most 10 msg_item images on the finishing reply
 MODE_TTL = 600.0  # seconds the app mode and parameters from Dify are trusted
 TURN_POLL = 0.2  # seconds between checks whether a queued message's turn has come
+ABANDONED_CHECK_EVERY = 25  # turn checks between looks at whether the head was abandoned (~5 s)
 CHAT_MODES = frozenset({"chat", "agent-chat", "advanced-chat"})
 
 
@@ -447,8 +448,23 @@ class Relay:
         turns = self.deps.turns.turns
         await turns.join(self.deps.bot.key, session.scope, session.sid, self.deps.settings.stream_ttl)
         # Polled, not notified: the message ahead may be relayed by another process.
-        while not await turns.my_turn(self.deps.bot.key, session.scope, session.sid):  # noqa: ASYNC110
+        checks = 0
+        while not await turns.my_turn(self.deps.bot.key, session.scope, session.sid):
+            checks += 1
+            if checks % ABANDONED_CHECK_EVERY == 1:  # at once, then every few seconds
+                await self._drop_abandoned_head(session.scope)
             await asyncio.sleep(TURN_POLL)
+
+    async def _drop_abandoned_head(self, scope: str) -> None:
+        """Unblock a conversation whose head died after WeCom stopped polling it (nobody will take it over)."""
+        deps = self.deps
+        head = await deps.turns.turns.head(deps.bot.key, scope)
+        ahead = await deps.stores.streams.get(head) if head else None
+        now = deps.clock()
+        if ahead is not None and now > ahead.deadline and now - ahead.heartbeat > deps.settings.lease:
+            log.warning("stream %s: abandoned by %s after WeCom's window; dropped from its queue",
+                        ahead.sid, ahead.owner or "(released)")
+            await deps.turns.turns.leave(deps.bot.key, scope, ahead.sid)
 
     async def _leave(self, session: StreamSession) -> None:
         try:

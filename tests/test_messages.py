@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from laibao import texts
 from laibao.config import Config, load_config
 from laibao.crypto import WeComCrypto, generate_aes_key, generate_token
 from laibao.wecom import MAX_CONTENT_BYTES
+from stores.base import StreamSession
 from tests.difystub import Script
 from tests.harness import CRYPTO, Service, WeCom, eventually, follow, message, refresh, running_service
 from tests.wecomstub import ResponseUrlStub
@@ -394,3 +396,16 @@ async def test_several_bots_keep_their_state_apart(two_bots: Service) -> None:
     keys = await two_bots.keys()
     assert "laibao:msgid:hr:same-msgid" in keys and "laibao:msgid:it:same-msgid" in keys
     assert any(k.startswith("laibao:conv:hr:") for k in keys) and any(k.startswith("laibao:conv:it:") for k in keys)
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_a_conversation_is_not_blocked_by_a_head_abandoned_after_the_window(svc: Service) -> None:
+    deps = svc.runtime.bots[""].service.deps
+    long_ago = time.time() - 3600
+    dead = StreamSession(sid="dead", bot="default", user="zhangsan", scope="zhangsan", owner="gone-node",
+                         created=long_ago, deadline=long_ago + 360, heartbeat=long_ago + 10, status="streaming")
+    await deps.stores.streams.create(dead, 1800)
+    await deps.turns.turns.join("default", "zhangsan", "dead", 1800)
+    polls = await answer(svc, message("前面那条早就没人管了"))
+    assert polls[-1]["content"] == Script().answer
+    assert await deps.turns.turns.position("default", "zhangsan", "dead") is None
