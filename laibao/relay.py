@@ -643,7 +643,8 @@ def render_answer(text: str, think: str, final: bool) -> tuple[str, str]:
     Reasoning is shown as WeCom's <think> or hidden; an answer over 20480 UTF-8 bytes shows its first
     part with a note saying the rest follows.
     """
-    content = think_blocks(text, think, final=final)
+    # Every reasoning form starts with "<": most answers skip the parser (this runs on every poll).
+    content = think_blocks(text, think, final=final) if "<" in text else text
     head, rest = split_for_wecom(content)
     if not rest:
         return head, ""

@@ -178,11 +178,8 @@ class BotService:
         content = self.render(snapshot)
         self._remember(sid, content, snapshot.finished)
         reply = stream_reply(sid, content, finish=snapshot.finished)
-        if snapshot.finished:
-            session = await deps.stores.streams.get(sid)
-            items = json.loads(session.extra.get("items", "[]")) if session is not None else []
-            if items:  # generated images go on the finishing reply only
-                reply["stream"]["msg_item"] = items
+        if snapshot.items:  # generated images go on the finishing reply only
+            reply["stream"]["msg_item"] = json.loads(snapshot.items)
         return reply
 
     def render(self, snapshot: Snapshot) -> str:

@@ -54,6 +54,7 @@ class Snapshot:
     heartbeat: float
     deadline: float
     final_delivered: bool  # an EARLIER poll already returned this session in a terminal status
+    items: str = ""  # once finished: the extra "items" (the finishing reply's images, JSON), else ""
 
     @property
     def finished(self) -> bool:

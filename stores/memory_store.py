@@ -275,6 +275,7 @@ class MemoryStreamStore:
             heartbeat=s.heartbeat,
             deadline=s.deadline,
             final_delivered=delivered,
+            items=s.extra.get("items", "") if s.status in TERMINAL else "",
         )
 
     async def take_over(self, sid: str, new_owner: str, now: float, lease: float) -> bool:

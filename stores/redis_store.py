@@ -166,7 +166,7 @@ POLL_LUA = """
 -- KEYS[1] stream key
 -- ARGV[1] the polling bot ('' = any)
 -- returns nil if the session is missing or belongs to another bot (nothing changes then), else
---   {status, content, n, unread, owner, heartbeat, deadline, final_delivered (0/1)}
+--   {status, content, n, unread, owner, heartbeat, deadline, final_delivered (0/1), items ('' unless over)}
 -- and marks every chunk read; a terminal status also marks the final content delivered ('fin')
 local h = redis.call('HMGET', KEYS[1], 'status', 'n', 'owner', 'heartbeat', 'deadline', 'fin', 'bot')
 if not h[1] then return false end
@@ -200,7 +200,9 @@ end
 local fin = 0
 if h[6] == '1' then fin = 1 end
 if (h[1] == 'done' or h[1] == 'error') and fin == 0 then redis.call('HSET', KEYS[1], 'fin', '1') end
-return {h[1], table.concat(parts), n, count, h[3] or '', h[4] or '0', h[5] or '0', fin}
+local items = ''
+if h[1] == 'done' or h[1] == 'error' then items = redis.call('HGET', KEYS[1], 'x:items') or '' end
+return {h[1], table.concat(parts), n, count, h[3] or '', h[4] or '0', h[5] or '0', fin, items}
 """
 
 ANNOTATE_LUA = """
@@ -378,7 +380,7 @@ class RedisStreamStore:
             reply: Sequence[Any] | None = await self._poll(keys=[self.key(sid)], args=[bot])
         if reply is None:
             return None
-        status, content, n, unread, owner, heartbeat, deadline, fin = reply
+        status, content, n, unread, owner, heartbeat, deadline, fin, items = reply
         return Snapshot(
             status=status,
             content=content,
@@ -388,6 +390,7 @@ class RedisStreamStore:
             heartbeat=_float(heartbeat),
             deadline=_float(deadline),
             final_delivered=bool(fin),
+            items=items,
         )
 
     async def take_over(self, sid: str, new_owner: str, now: float, lease: float) -> bool:

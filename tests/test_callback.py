@@ -303,3 +303,34 @@ async def test_logs_carry_no_secrets_or_message_text(service: Service, caplog: p
     logged = "\n".join(record.getMessage() for record in caplog.records)
     assert "stream" in logged  # the scenario did log
     assert_no_secrets(logged, "机密问题", "工资", "第二个机密问题", "伪造的请求", Script().answer)
+
+
+@pytest.fixture
+def redis_service(io_loop: IOLoop, redis_url: str) -> Iterator[Service]:
+    """laibao on real Redis only (for what only Redis can show)."""
+    with running_service(io_loop, redis_url) as svc:
+        yield svc
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_a_refresh_poll_is_one_redis_round_trip(redis_service: Service) -> None:
+    service = redis_service
+    first, _ = await ask(service, "数一数")
+    client = redis.asyncio.Redis.from_url(service.redis_url, decode_responses=True)
+    try:
+        async def calls() -> dict[str, int]:
+            stats = await client.info("commandstats")
+            return {name: int(value["calls"]) for name, value in stats.items()}
+
+        before = await calls()
+        for _ in range(5):
+            stream = await service.wecom.stream(refresh(str(first["id"])))
+            assert stream["finish"] is True
+        after = await calls()
+    finally:
+        await client.aclose()
+    grown = {name: after[name] - before.get(name, 0) for name in after if after[name] != before.get(name, 0)}
+    # INFO itself is counted once; everything else is the five polls: one script call each.
+    assert grown.pop("cmdstat_info") == 1
+    assert grown.pop("cmdstat_evalsha") == 5
+    assert all(not name.startswith("cmdstat_eval") for name in grown), grown

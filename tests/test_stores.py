@@ -181,6 +181,18 @@ async def test_finish_appends_text_and_sets_fields(stores: AnyStores) -> None:
     assert got.extra == {"latency": "1.5"}
     snap = await stores.streams.poll("s1")
     assert snap is not None and snap.finished and (snap.content, snap.unread) == ("答案。", 2)
+    assert snap.items == ""
+
+
+@pytest.mark.gen_test
+async def test_the_finishing_poll_carries_the_images(stores: AnyStores) -> None:
+    await stores.streams.create(session(), TTL)
+    await stores.streams.annotate("s1", {"items": "early"})  # not shown while running
+    running = await stores.streams.poll("s1")
+    assert running is not None and running.items == ""
+    assert await stores.streams.finish("s1", "node-a", DONE, "图", {"items": '[{"msgtype":"image"}]'}, T0)
+    snap = await stores.streams.poll("s1")
+    assert snap is not None and snap.items == '[{"msgtype":"image"}]'
 
 
 @pytest.mark.gen_test
