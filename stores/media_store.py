@@ -10,17 +10,14 @@ who sends a hundred pictures cannot grow it without bound.
 from __future__ import annotations
 
 import json
-import math
 import time
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from typing import Any, Protocol
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
 
-from laibao.errors import StoreError
 from stores.memory_store import Clock, ExpiringMap
+from stores.redis_store import redis_errors, ttl_ms
 
 DEFAULT_MAX_ITEMS = 20
 
@@ -44,19 +41,6 @@ def _encode(item: Mapping[str, Any]) -> str:
         raise ValueError("a held media item must be a JSON object") from exc
 
 
-def _ms(ttl: float) -> int:
-    if not ttl > 0:
-        raise ValueError(f"ttl must be positive, not {ttl!r}")
-    return max(1, math.floor(ttl * 1000 + 0.5))
-
-
-@contextmanager
-def _mapped(operation: str) -> Iterator[None]:
-    """Redis (and socket) failures leave as StoreError naming the operation, never the values."""
-    try:
-        yield
-    except (RedisError, OSError) as exc:
-        raise StoreError(f"redis {operation} failed: {type(exc).__name__}: {str(exc)[:200]}") from exc
 
 
 class RedisMediaHold:
@@ -75,8 +59,8 @@ class RedisMediaHold:
 
     async def add(self, bot: str, scope: str, item: Mapping[str, Any], ttl: float) -> int:
         """Append ``item`` and keep the scope's list ``ttl`` seconds more; return how many are held."""
-        value, px, key = _encode(item), _ms(ttl), self.key(bot, scope)
-        with _mapped("media add"):
+        value, px, key = _encode(item), ttl_ms(ttl), self.key(bot, scope)
+        with redis_errors("media add"):
             # MULTI: the push, the trim to the newest max_items and the expiry happen as one step
             async with self._client.pipeline(transaction=True) as pipe:
                 pipe.rpush(key, value)
@@ -89,7 +73,7 @@ class RedisMediaHold:
     async def take(self, bot: str, scope: str) -> list[dict[str, Any]]:
         """Return the held items in the order they were added, and clear them (atomically)."""
         key = self.key(bot, scope)
-        with _mapped("media take"):
+        with redis_errors("media take"):
             async with self._client.pipeline(transaction=True) as pipe:
                 pipe.lrange(key, 0, -1)
                 pipe.delete(key)
@@ -119,7 +103,7 @@ class MemoryMediaHold:
     async def add(self, bot: str, scope: str, item: Mapping[str, Any], ttl: float) -> int:
         """Append ``item`` and keep the scope's list ``ttl`` seconds more; return how many are held."""
         value = _encode(item)
-        _ms(ttl)  # the same refusal of a non-positive TTL as Redis
+        ttl_ms(ttl)  # the same refusal of a non-positive TTL as Redis
         key = f"{bot}\0{scope}"
         held = [*(self._lists.get(key) or []), value][-self._max_items :]
         self._lists.put(key, held, ttl)

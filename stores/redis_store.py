@@ -252,7 +252,7 @@ _FLOAT_FIELDS = ("created", "deadline", "heartbeat")
 
 
 @contextmanager
-def _mapped(operation: str) -> Iterator[None]:
+def redis_errors(operation: str) -> Iterator[None]:
     """Turn Redis (and socket) failures into StoreError; the message names the operation only."""
     try:
         yield
@@ -261,7 +261,7 @@ def _mapped(operation: str) -> Iterator[None]:
         raise StoreError(f"redis {operation} failed: {type(exc).__name__}: {str(exc)[:200]}") from exc
 
 
-def _ms(ttl: float) -> int:
+def ttl_ms(ttl: float) -> int:
     """A positive TTL in whole milliseconds, as PX / PEXPIRE want it."""
     if not ttl > 0:
         raise ValueError(f"ttl must be positive, not {ttl!r}")
@@ -294,7 +294,7 @@ class RedisStreamStore:
 
     async def create(self, session: StreamSession, ttl: float) -> None:
         """Store a new session (replacing any with the same id) that lives ``ttl`` s after each write."""
-        px = _ms(ttl)
+        px = ttl_ms(ttl)
         # typed as redis-py wants it: Mapping's key type is invariant, so dict[str, str] is refused
         mapping: dict[FieldT, EncodableT] = {name: getattr(session, name) for name in _TEXT_FIELDS}
         mapping.update({name: repr(float(getattr(session, name))) for name in _FLOAT_FIELDS})
@@ -302,7 +302,7 @@ class RedisStreamStore:
         mapping["ttl"] = repr(float(ttl))
         mapping.update({f"x:{name}": value for name, value in session.extra.items()})
         key = self.key(session.sid)
-        with _mapped("create"):
+        with redis_errors("create"):
             # DEL first so a reused id cannot inherit old chunks; MULTI keeps it one atomic round trip
             async with self._client.pipeline(transaction=True) as pipe:
                 pipe.delete(key)
@@ -312,7 +312,7 @@ class RedisStreamStore:
 
     async def get(self, sid: str) -> StreamSession | None:
         """The session's fields without its chunks, or None if unknown or expired."""
-        with _mapped("get"):
+        with redis_errors("get"):
             flat: list[str] = await self._get(keys=[self.key(sid)])
         if not flat:
             return None
@@ -339,12 +339,12 @@ class RedisStreamStore:
 
     async def append(self, sid: str, owner: str, text: str, now: float) -> bool:
         """Add one chunk, mark the session streaming; False (no change) if missing, not owned or over."""
-        with _mapped("append"):
+        with redis_errors("append"):
             return bool(await self._append(keys=[self.key(sid)], args=[owner, text, repr(float(now))]))
 
     async def replace(self, sid: str, owner: str, text: str, now: float) -> bool:
         """Make ``text`` the whole content (one unread chunk); same guards as ``append``."""
-        with _mapped("replace"):
+        with redis_errors("replace"):
             return bool(await self._replace(keys=[self.key(sid)], args=[owner, text, repr(float(now))]))
 
     async def finish(
@@ -356,7 +356,7 @@ class RedisStreamStore:
         args: list[str] = [owner, status, text, repr(float(now))]
         for name, value in fields.items():
             args += [name if name in DIFY_FIELDS else f"x:{name}", value]
-        with _mapped("finish"):
+        with redis_errors("finish"):
             return bool(await self._finish(keys=[self.key(sid)], args=args))
 
     async def annotate(self, sid: str, fields: Mapping[str, str]) -> bool:
@@ -366,17 +366,17 @@ class RedisStreamStore:
         args: list[str] = []
         for name, value in fields.items():
             args += [name if name in DIFY_FIELDS else f"x:{name}", value]
-        with _mapped("annotate"):
+        with redis_errors("annotate"):
             return bool(await self._annotate(keys=[self.key(sid)], args=args))
 
     async def heartbeat(self, sid: str, owner: str, now: float) -> bool:
         """Record that the owner is alive; False if missing, not owned or over."""
-        with _mapped("heartbeat"):
+        with redis_errors("heartbeat"):
             return bool(await self._heartbeat(keys=[self.key(sid)], args=[owner, repr(float(now))]))
 
     async def poll(self, sid: str, bot: str = "") -> Snapshot | None:
         """Read everything in one round trip, marking the chunks read; None if unknown, expired or another bot's."""
-        with _mapped("poll"):
+        with redis_errors("poll"):
             reply: Sequence[Any] | None = await self._poll(keys=[self.key(sid)], args=[bot])
         if reply is None:
             return None
@@ -397,7 +397,7 @@ class RedisStreamStore:
         """Become the owner of an unowned or stale running session (one winner among racers)."""
         if not new_owner:
             raise ValueError("take_over needs a non-empty owner")
-        with _mapped("take_over"):
+        with redis_errors("take_over"):
             return bool(
                 await self._take_over(
                     keys=[self.key(sid)], args=[new_owner, repr(float(now)), repr(float(lease))]
@@ -406,7 +406,7 @@ class RedisStreamStore:
 
     async def release(self, sid: str, owner: str) -> bool:
         """Give up a running session so another process can take it over at once."""
-        with _mapped("release"):
+        with redis_errors("release"):
             return bool(await self._release(keys=[self.key(sid)], args=[owner]))
 
 
@@ -419,8 +419,8 @@ class RedisDedupeStore:
 
     async def claim(self, bot: str, msgid: str, sid: str, ttl: float) -> str:
         """Store ``sid`` for the message if none is stored; return the stream id now stored."""
-        px = _ms(ttl)
-        with _mapped("claim"):
+        px = ttl_ms(ttl)
+        with redis_errors("claim"):
             return str(await self._claim(keys=[f"{self._prefix}:msgid:{bot}:{msgid}"], args=[sid, px]))
 
 
@@ -436,20 +436,20 @@ class RedisConversationStore:
 
     async def get(self, bot: str, scope: str) -> str | None:
         """The conversation id for the scope, or None."""
-        with _mapped("conversation get"):
+        with redis_errors("conversation get"):
             value = await self._client.get(self._key(bot, scope))
         # decode_responses=True: redis-py's typing still allows bytes
         return value.decode() if isinstance(value, bytes) else value
 
     async def set(self, bot: str, scope: str, conversation_id: str, ttl: float) -> None:
         """Remember the conversation id for ``ttl`` seconds."""
-        px = _ms(ttl)
-        with _mapped("conversation set"):
+        px = ttl_ms(ttl)
+        with redis_errors("conversation set"):
             await self._client.set(self._key(bot, scope), conversation_id, px=px)
 
     async def delete(self, bot: str, scope: str) -> None:
         """Forget the scope's conversation (``/new``)."""
-        with _mapped("conversation delete"):
+        with redis_errors("conversation delete"):
             await self._client.delete(self._key(bot, scope))
 
 
@@ -486,7 +486,7 @@ class RedisStores:
 
     async def ping(self) -> None:
         """Raise StoreError if Redis cannot be reached."""
-        with _mapped("ping"):
+        with redis_errors("ping"):
             await self.client.ping()
 
     async def close(self) -> None:

@@ -17,10 +17,9 @@ import asyncio
 import contextlib
 import json
 import logging
-import math
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
 import redis.asyncio as aioredis
@@ -30,8 +29,8 @@ from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
-from laibao.errors import StoreError
 from stores.memory_store import ExpiringMap
+from stores.redis_store import redis_errors, ttl_ms
 
 if TYPE_CHECKING:
     from laibao.config import Config
@@ -221,20 +220,6 @@ return 0
 """
 
 
-@contextlib.contextmanager
-def _mapped(operation: str) -> Iterator[None]:
-    """Turn Redis (and socket) failures into StoreError; the message names the operation only."""
-    try:
-        yield
-    except (RedisError, OSError) as exc:
-        raise StoreError(f"redis {operation} failed: {type(exc).__name__}: {str(exc)[:200]}") from exc
-
-
-def _ms(ttl: float) -> int:
-    _check_ttl(ttl)
-    return max(1, math.floor(ttl * 1000 + 0.5))
-
-
 class RedisTokenCache:
     """Tokens in Redis for every process, on this cache's own client."""
 
@@ -268,7 +253,7 @@ class RedisTokenCache:
         """The user's token and its info, or None unless both keys exist."""
         # Two reads: the second key's name depends on the first's value, which a cluster-safe script
         # could not compute. This runs only when the process cache misses.
-        with _mapped("get token"):
+        with redis_errors("get token"):
             token = _text(await self.client.get(user_key(userid)))
             if token is None:
                 return None
@@ -277,8 +262,8 @@ class RedisTokenCache:
 
     async def put(self, userid: str, token: str, info: dict[str, Any], ttl: float) -> None:
         """Make ``token`` the user's current token, with ``info``, both for ``ttl`` seconds."""
-        px = _ms(ttl)
-        with _mapped("put token"):
+        px = ttl_ms(ttl)
+        with redis_errors("put token"):
             # MULTI/EXEC: a reader sees both keys or neither; the info is written first regardless
             async with self.client.pipeline(transaction=True) as pipe:
                 pipe.set(token_key(token), _dump_info(info), px=px)
@@ -287,7 +272,7 @@ class RedisTokenCache:
 
     async def drop(self, userid: str, token: str = "") -> None:
         """Forget ``token`` (the current one when empty); a newer token of the user is kept."""
-        with _mapped("drop token"):
+        with redis_errors("drop token"):
             if not token:
                 token = _text(await self.client.get(user_key(userid))) or ""
                 if not token:
@@ -297,18 +282,18 @@ class RedisTokenCache:
     async def acquire_lock(self, userid: str, ttl: float) -> str | None:
         """Take the user's sign-in lock for ``ttl`` seconds; its id, or None if another holds it."""
         lock_id = uuid.uuid4().hex
-        with _mapped("acquire lock"):
-            taken = await self.client.set(lock_key(userid), lock_id, nx=True, px=_ms(ttl))
+        with redis_errors("acquire lock"):
+            taken = await self.client.set(lock_key(userid), lock_id, nx=True, px=ttl_ms(ttl))
         return lock_id if taken else None
 
     async def release_lock(self, userid: str, lock_id: str) -> None:
         """Release the lock if ``lock_id`` still holds it."""
-        with _mapped("release lock"):
+        with redis_errors("release lock"):
             await self._release(keys=[lock_key(userid)], args=[lock_id])
 
     async def publish_invalidation(self, userid: str) -> None:
         """Tell every process (this one included) to drop its local copy of the user's token."""
-        with _mapped("publish invalidation"):
+        with redis_errors("publish invalidation"):
             await self.client.publish(INVALIDATE_CHANNEL, userid)
 
     async def listen_invalidations(self, callback: Invalidated) -> None:
@@ -362,7 +347,7 @@ class RedisTokenCache:
 
     async def ping(self) -> None:
         """Raise StoreError if Redis cannot be reached."""
-        with _mapped("ping"):
+        with redis_errors("ping"):
             await self.client.ping()
 
     async def close(self) -> None:

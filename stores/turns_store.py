@@ -26,7 +26,7 @@ from redis.typing import EncodableT
 
 from stores.base import TERMINAL, StreamStore
 from stores.memory_store import Clock, ExpiringMap
-from stores.redis_store import _mapped, _ms
+from stores.redis_store import redis_errors, ttl_ms
 
 # Looks up a session's status: None when the session is missing or expired.
 StatusOf = Callable[[str], Awaitable[str | None]]
@@ -217,29 +217,29 @@ class RedisTurnQueue:
 
     async def join(self, bot: str, scope: str, sid: str, ttl: float) -> int:
         """Append ``sid`` unless queued (one entry each), keep the queue ``ttl`` s; its 0-based position."""
-        px = _ms(ttl)
-        with _mapped("turns join"):
+        px = ttl_ms(ttl)
+        with redis_errors("turns join"):
             return int(await self._join(keys=[self.key(bot, scope)], args=[sid, px]))
 
     async def my_turn(self, bot: str, scope: str, sid: str) -> bool:
         """True iff ``sid`` is at the head, once heads whose session is missing or over are dropped."""
-        with _mapped("turns my_turn"):
+        with redis_errors("turns my_turn"):
             return bool(await self._my_turn(keys=[self.key(bot, scope)], args=[sid, f"{self._prefix}:stream:"]))
 
     async def leave(self, bot: str, scope: str, sid: str) -> None:
         """Remove ``sid`` wherever it is in the queue."""
-        with _mapped("turns leave"):
+        with redis_errors("turns leave"):
             await self._client.lrem(self.key(bot, scope), 0, sid)
 
     async def position(self, bot: str, scope: str, sid: str) -> int | None:
         """The 0-based position of ``sid`` as queued (dead heads included), or None if not queued."""
-        with _mapped("turns position"):
+        with redis_errors("turns position"):
             found = await self._position(keys=[self.key(bot, scope)], args=[sid])
         return None if found is None else int(found)
 
     async def head(self, bot: str, scope: str) -> str | None:
         """The sid at the head of the conversation's queue (the one Dify is answering), if any."""
-        with _mapped("turns head"):
+        with redis_errors("turns head"):
             first = await self._client.lindex(self.key(bot, scope), 0)
         return None if first is None else str(first)
 
@@ -259,20 +259,20 @@ class RedisInFlight:
 
     async def acquire(self, bot: str, user: str, sid: str, limit: int, ttl: float, now: float) -> bool:
         """Admit ``sid`` (again, if already admitted) unless ``limit`` live messages hold slots."""
-        px = _ms(ttl)
+        px = ttl_ms(ttl)
         args: list[EncodableT] = [sid, limit, repr(float(now)), repr(float(ttl)), f"{self._prefix}:stream:", px]
-        with _mapped("inflight acquire"):
+        with redis_errors("inflight acquire"):
             return bool(await self._acquire(keys=[self.key(bot, user)], args=args))
 
     async def release(self, bot: str, user: str, sid: str) -> None:
         """Free the slot of ``sid``, if it holds one."""
-        with _mapped("inflight release"):
+        with redis_errors("inflight release"):
             await self._client.zrem(self.key(bot, user), sid)
 
     async def count(self, bot: str, user: str, now: float, *, ttl: float) -> int:
         """How many admitted messages are live at ``now``: admitted at most ``ttl`` s ago, session running."""
         args = [repr(float(now)), repr(float(ttl)), f"{self._prefix}:stream:"]
-        with _mapped("inflight count"):
+        with redis_errors("inflight count"):
             return int(await self._count(keys=[self.key(bot, user)], args=args))
 
 

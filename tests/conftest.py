@@ -7,7 +7,9 @@ from collections.abc import Iterator
 
 import pytest
 import tornado.ioloop
+from tornado.httpclient import AsyncHTTPClient
 
+from tests.difystub import DifyStub
 from tests.servers import MariaDBServer, RedisServer
 
 
@@ -57,3 +59,24 @@ def mysql_url(mariadb_server: MariaDBServer) -> Iterator[str]:
     database = mariadb_server.create_database()
     yield mariadb_server.url(database)
     mariadb_server.drop_database(database)
+
+
+@pytest.fixture
+def stub(io_loop: tornado.ioloop.IOLoop) -> Iterator[DifyStub]:
+    """A Dify stand-in on this test's loop, with the default app key."""
+    server = DifyStub()
+    io_loop.run_sync(server.start)
+    yield server
+    io_loop.run_sync(server.stop)
+
+
+@pytest.fixture
+def http(io_loop: tornado.ioloop.IOLoop) -> Iterator[AsyncHTTPClient]:
+    """A private AsyncHTTPClient, closed after the test."""
+
+    async def make() -> AsyncHTTPClient:
+        return AsyncHTTPClient(force_instance=True)
+
+    client = io_loop.run_sync(make)
+    yield client
+    client.close()

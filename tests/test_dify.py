@@ -8,10 +8,9 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 
 import pytest
-import tornado.ioloop
 from tornado.httpclient import AsyncHTTPClient
 
 from laibao.dify import DifyClient
@@ -28,24 +27,6 @@ from tests.difystub import DEFAULT_ANSWER, DEFAULT_SUGGESTIONS, DETAILS_OPEN, Di
 from tests.servers import free_port
 
 KEY = "app-test-key"
-
-
-@pytest.fixture
-def stub(io_loop: tornado.ioloop.IOLoop) -> Iterator[DifyStub]:
-    server = DifyStub(KEY)
-    io_loop.run_sync(server.start)
-    yield server
-    io_loop.run_sync(server.stop)
-
-
-@pytest.fixture
-def http(io_loop: tornado.ioloop.IOLoop) -> Iterator[AsyncHTTPClient]:
-    async def make() -> AsyncHTTPClient:
-        return AsyncHTTPClient(force_instance=True)
-
-    client = io_loop.run_sync(make)
-    yield client
-    client.close()
 
 
 @pytest.fixture

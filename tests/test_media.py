@@ -10,11 +10,10 @@ import hashlib
 import io
 import random
 import zipfile
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-import tornado.ioloop
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from tornado.httpclient import AsyncHTTPClient
@@ -64,24 +63,6 @@ OTHER_CRYPTO = WeComCrypto("token", "abcdefghijklmnopqrstuvwxyz0123456789ABCDEFG
 
 JPEG_BYTES = b"\xff\xd8\xff\xe0\x00\x10JFIF\x00" + bytes(range(200))
 PNG_BYTES = b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(range(200))
-
-
-@pytest.fixture
-def stub(io_loop: tornado.ioloop.IOLoop) -> Iterator[DifyStub]:
-    server = DifyStub(KEY)
-    io_loop.run_sync(server.start)
-    yield server
-    io_loop.run_sync(server.stop)
-
-
-@pytest.fixture
-def http(io_loop: tornado.ioloop.IOLoop) -> Iterator[AsyncHTTPClient]:
-    async def make() -> AsyncHTTPClient:
-        return AsyncHTTPClient(force_instance=True)
-
-    client = io_loop.run_sync(make)
-    yield client
-    client.close()
 
 
 # ------------------------------------------------------------------------------------------ sniff
