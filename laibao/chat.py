@@ -48,35 +48,29 @@ class WeComPlayer:
         return self.crypto.open_reply(response.body, expected_nonce=params["nonce"])
 
     @staticmethod
-    def message(text: str, user: str, group: str | None = None) -> dict[str, Any]:
-        """The decrypted JSON of a text message callback, as WeCom builds it."""
+    def callback(msgtype: str, body: dict[str, Any], user: str, group: str | None = None) -> dict[str, Any]:
+        """The decrypted JSON of a callback of ``msgtype`` carrying ``body``, as WeCom builds it."""
         payload: dict[str, Any] = {
             "msgid": secrets.token_hex(16),
             "aibotid": "laibao-chat",
             "chattype": "group" if group else "single",
             "from": {"userid": user},
-            "response_url": "",
-            "msgtype": "text",
-            "text": {"content": text},
+            "msgtype": msgtype,
+            msgtype: body,
         }
         if group:
             payload["chatid"] = group
         return payload
 
-    @staticmethod
-    def refresh(stream_id: str, user: str, group: str | None = None) -> dict[str, Any]:
-        """The decrypted JSON of a stream refresh poll."""
-        payload: dict[str, Any] = {
-            "msgid": secrets.token_hex(16),
-            "aibotid": "laibao-chat",
-            "chattype": "group" if group else "single",
-            "from": {"userid": user},
-            "msgtype": "stream",
-            "stream": {"id": stream_id},
-        }
-        if group:
-            payload["chatid"] = group
-        return payload
+    @classmethod
+    def message(cls, text: str, user: str, group: str | None = None) -> dict[str, Any]:
+        """A text message callback (WeCom gives it a response_url; the CLI has none to offer)."""
+        return cls.callback("text", {"content": text}, user, group) | {"response_url": ""}
+
+    @classmethod
+    def refresh(cls, stream_id: str, user: str, group: str | None = None) -> dict[str, Any]:
+        """A stream refresh poll."""
+        return cls.callback("stream", {"id": stream_id}, user, group)
 
 
 async def converse(
