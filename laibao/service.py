@@ -80,51 +80,54 @@ class BotService:
             return await self.refresh(winner, duplicate=True)
         scope = deps.scope_of(callback.userid, callback.chatid)
         if inbound.command:
-            return stream_reply(sid, await self.command(inbound.command, callback, scope), finish=True)
+            return await self._closed(sid, callback, await self.command(inbound.command, callback, scope))
         if deps.auth is not None:
-            # Known staff only: refuse before anything is recorded or sent to Dify.
+            # Known staff only: refuse before anything is sent to Dify.
             try:
                 await deps.auth.resolve(self.bot, callback.userid)
             except NotAuthorized:
-                return stream_reply(sid, self.bot.denied_text, finish=True)
+                return await self._closed(sid, callback, self.bot.denied_text)
             except AuthUnavailable:
-                return stream_reply(sid, texts.SIGN_IN_FAILED, finish=True)
+                return await self._closed(sid, callback, texts.SIGN_IN_FAILED)
         if not inbound.text:
             # Media alone waits for the user's next text (WeCom's URLs stay valid for 5 minutes).
             hold = min(deps.settings.media_hold_seconds, 290.0)
             for item in inbound.media:
                 await deps.media.add(self.bot.key, scope, item, hold)
-            return stream_reply(sid, texts.MEDIA_HELD, finish=True)
+            return await self._closed(sid, callback, texts.MEDIA_HELD)
         media = [*await deps.media.take(self.bot.key, scope), *inbound.media]
-        now = deps.clock()
-        draining = deps.tasks.draining
-        session = StreamSession(
-            sid=sid,
-            bot=self.bot.key,
-            user=callback.userid,
-            chat=callback.chatid,
-            query=inbound.text,
-            scope=scope,
-            response_url=callback.response_url,
-            # A draining process records the message unowned: the first poll elsewhere takes it.
-            owner="" if draining else deps.settings.node,
-            created=now,
-            deadline=now + deps.settings.window,
-            heartbeat=0.0 if draining else now,
-            extra={"media": json.dumps(media)} if media else {},
-        )
+        session = self._session(sid, callback, scope, inbound.text,
+                                {"media": json.dumps(media)} if media else {})
         await deps.stores.streams.create(session, deps.settings.stream_ttl)
         if not await deps.turns.inflight.acquire(self.bot.key, callback.userid, sid, MAX_IN_FLIGHT,
-                                                 deps.settings.window, now):
-            await deps.stores.streams.finish(sid, session.owner, DONE, texts.TOO_MANY, {}, now)
+                                                 deps.settings.window, session.created):
+            await deps.stores.streams.finish(sid, session.owner, DONE, texts.TOO_MANY, {}, session.created)
             return stream_reply(sid, texts.TOO_MANY, finish=True)
-        if not draining:
+        if deps.tasks.draining:
+            # Shutting down: leave it unowned, so the first poll on another process takes it at once.
+            await deps.stores.streams.release(sid, session.owner)
+        else:
             deps.tasks.spawn(self.relay.run(session), name=f"relay-{sid}")
         if deps.settings.log_content:
             log.info("bot %s: stream %s for %s: %s", self.bot.key, sid, callback.userid, inbound.text)
         else:
             log.info("bot %s: stream %s started for a %s chat", self.bot.key, sid, callback.chattype)
         return stream_reply(sid, self.bot.placeholder, finish=False, feedback_id=sid)
+
+    def _session(self, sid: str, callback: Callback, scope: str, query: str,
+                 extra: Mapping[str, str]) -> StreamSession:
+        """A new session owned by this process, inside WeCom's polling window from now."""
+        now = self.deps.clock()
+        return StreamSession(sid=sid, bot=self.bot.key, user=callback.userid, chat=callback.chatid, query=query,
+                             scope=scope, response_url=callback.response_url, owner=self.deps.settings.node,
+                             created=now, deadline=now + self.deps.settings.window, heartbeat=now, extra=extra)
+
+    async def _closed(self, sid: str, callback: Callback, text: str) -> dict[str, Any]:
+        """Reply ``text`` and finish at once, recorded so a redelivery of the callback gets the same reply."""
+        session = self._session(sid, callback, "", "", {})
+        await self.deps.stores.streams.create(session, self.deps.settings.msgid_ttl)
+        await self.deps.stores.streams.finish(sid, session.owner, DONE, text, {}, session.created)
+        return stream_reply(sid, text, finish=True)
 
     async def command(self, command: str, callback: Callback, scope: str) -> str:
         """Carry out /new, /stop or /help; the short reply text."""

@@ -409,3 +409,13 @@ async def test_a_conversation_is_not_blocked_by_a_head_abandoned_after_the_windo
     polls = await answer(svc, message("前面那条早就没人管了"))
     assert polls[-1]["content"] == Script().answer
     assert await deps.turns.turns.position("default", "zhangsan", "dead") is None
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_a_redelivered_command_gets_the_same_reply_and_runs_once(svc: Service) -> None:
+    await answer(svc, message("记住这个"))
+    first = await svc.wecom.stream(message("/new", msgid="cmd-1"))
+    again = await svc.wecom.stream(message("/new", msgid="cmd-1"))
+    assert (again["id"], again["content"], again["finish"]) == (first["id"], texts.NEW_CONVERSATION, True)
+    polled = await svc.wecom.stream(refresh(str(first["id"])))
+    assert (polled["content"], polled["finish"]) == (texts.NEW_CONVERSATION, True)
