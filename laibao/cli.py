@@ -47,7 +47,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def _load(args: argparse.Namespace) -> Config:
     overrides = {k: getattr(args, k) for k in ("port", "host") if getattr(args, k, None) is not None}
-    return load_config(config_file=args.config, overrides=overrides)
+    # The user commands only reach the databases: they work on a host without the bots' settings.
+    return load_config(config_file=args.config, overrides=overrides,
+                       require_bots=args.command not in ("db", "users"))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -267,8 +267,12 @@ def load_config(
     environ: Mapping[str, str] | None = None,
     dotenv: str | None = ".env",
     overrides: Mapping[str, Any] | None = None,
+    require_bots: bool = True,
 ) -> Config:
-    """Build the validated Config from flags (``overrides``), environment, ``.env``, TOML and defaults."""
+    """Build the validated Config from flags (``overrides``), environment, ``.env``, TOML and defaults.
+
+    ``require_bots=False`` is for commands that only reach the databases (``laibao db``/``users``).
+    """
     problems: list[str] = []
     env: dict[str, str] = {}
     if dotenv and Path(dotenv).is_file():
@@ -311,7 +315,7 @@ def load_config(
         toml_bots = []
     for index, table in enumerate(toml_bots):
         bots.extend(_build_bot(table, f"{config_file}: bots[{index}]", problems, env_names=False))
-    if not bots and not problems:
+    if require_bots and not bots and not problems:
         problems.extend(
             f"{ENV_PREFIX}{var}: required (or configure [[bots]] in a --config TOML file)"
             for var, name in _ENV_BOT.items()

@@ -441,3 +441,14 @@ def test_cli_database_down_is_one_line_and_status_1(
     assert laibao("users", "add", "zhangsan", "--secret", SECRET) == 1
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "mysql" in err and SECRET not in err
+
+
+def test_cli_user_commands_need_no_bot_settings(env: dict[str, str], monkeypatch: pytest.MonkeyPatch,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    for name in ("LAIBAO_WECOM_TOKEN", "LAIBAO_WECOM_AES_KEY", "LAIBAO_DIFY_URL", "LAIBAO_DIFY_KEY"):
+        monkeypatch.delenv(name)
+    assert laibao("db", "init") == 0
+    assert laibao("users", "add", "wangwu", "--name", "王五") == 0
+    assert (stored(env, "wangwu") or User("")).name == "王五"
+    assert laibao("serve") == 2  # the service itself still needs its bot
+    assert "LAIBAO_WECOM_TOKEN: required" in capsys.readouterr().err
