@@ -13,7 +13,17 @@ import pytest
 from tornado.ioloop import IOLoop
 
 from tests.difystub import Script
-from tests.harness import AES_KEY, TOKEN, Cluster, assert_no_secrets, follow, message, refresh, running_cluster
+from tests.harness import (
+    AES_KEY,
+    TOKEN,
+    Cluster,
+    assert_no_secrets,
+    eventually,
+    follow,
+    message,
+    refresh,
+    running_cluster,
+)
 
 ANSWER = "分布式的回答：第一段，" + "内容🙂" * 300 + "。第二段 ends here."
 
@@ -100,3 +110,22 @@ async def test_laibao_chat_cli_plays_wecom(cluster: Cluster, tmp_path: Path) -> 
     out, err = await proc.communicate()
     assert proc.returncode == 1
     assert b"laibao: chat: laibao answered HTTP 401" in err
+
+
+@pytest.mark.slow
+@pytest.mark.gen_test(timeout=60)
+async def test_one_conversation_is_answered_in_order_across_processes(cluster: Cluster) -> None:
+    hold = asyncio.Event()
+    cluster.dify.push(Script(answer="先到的回答", hold=hold, ping_every=0.2), Script(answer="后到的回答"))
+    to_a, to_b = cluster.wecom(cluster.a), cluster.wecom(cluster.b)
+    first = await to_a.stream(message("先问的", user="zhaoliu"))
+    second = await to_b.stream(message("后问的", user="zhaoliu"))
+    await eventually(lambda: bool(cluster.dify.chat_calls), "Dify is asked the first question")
+    await asyncio.sleep(1.0)  # B checks its turn every 0.2 s: a wrongly parallel call would show by now
+    assert [c.json["query"] for c in cluster.dify.chat_calls] == ["先问的"]
+    hold.set()
+    assert (await follow([to_b], str(first["id"])))[-1]["content"] == "先到的回答"
+    assert (await follow([to_a], str(second["id"])))[-1]["content"] == "后到的回答"
+    calls = [c.json for c in cluster.dify.chat_calls]
+    assert [c["query"] for c in calls] == ["先问的", "后问的"]
+    assert calls[1]["conversation_id"] != ""  # it waited for the first answer's conversation
