@@ -153,7 +153,6 @@ class ChunkWriter:
         self._timer: asyncio.TimerHandle | None = None
         self._later: asyncio.Task[None] | None = None
         self._failure: BaseException | None = None
-        self.wrote = False  # some answer text reached the store
         self.offline = False  # the stream was finished early (window); text is only collected
         self._answer: list[str] = []  # the whole answer so far, for response_url and images
         self.first_text_at: float | None = None  # monotonic time of the first text in the store
@@ -162,7 +161,7 @@ class ChunkWriter:
     @property
     def has_text(self) -> bool:
         """Some answer text was written or is waiting to be."""
-        return self.wrote or bool(self._pending)
+        return self.first_text_at is not None or bool(self._pending)
 
     async def add(self, text: str) -> None:
         """Queue an answer delta; write now if enough has piled up, else within ``interval``."""
@@ -228,7 +227,6 @@ class ChunkWriter:
         self.writes += 1
         if not ok:
             raise OwnershipLost(self._sid)
-        self.wrote = True
         if self.first_text_at is None:
             self.first_text_at = time.monotonic()
 
@@ -323,11 +321,11 @@ class BotDeps:
             return userid
         return chatid if self.bot.group_scope == "chat" else f"{chatid}/{userid}"
 
-    def dify_user(self, session: StreamSession) -> str:
-        """The Dify ``user`` for a session: conversations are scoped by it, so it follows the scope."""
-        if session.chat and self.bot.group_scope == "chat":
-            return f"wecom:group:{session.chat}"
-        return f"wecom:{session.user}"
+    def dify_user(self, userid: str, chatid: str) -> str:
+        """The Dify ``user`` of a message: conversations are scoped by it, so it follows the scope."""
+        if chatid and self.bot.group_scope == "chat":
+            return f"wecom:group:{chatid}"
+        return f"wecom:{userid}"
 
     async def credential(self, userid: str) -> Credential:
         """Who the user is for Dify; open mode needs no lookup."""
@@ -502,7 +500,7 @@ class Relay:
             kind = sniff(data, item.get("kind", ""))
             dify_type = check_upload(kind, len(data), parameters)
             upload = await deps.dify.upload_file(data, kind.filename(f"wecom-{len(files) + 1}"), kind.mime_type,
-                                                 deps.dify_user(session), bearer)
+                                                 deps.dify_user(session.user, session.chat), bearer)
             files.append(file_ref(dify_type, upload))
         await deps.stores.streams.annotate(session.sid, {"files": json.dumps(files)})
         return files
@@ -543,7 +541,7 @@ class Relay:
     ) -> tuple[MessageEnd, list[str]]:
         deps = self.deps
         bearer, inputs = deps.call_auth(credential)
-        events = deps.dify.chat_stream(query=session.query, user=deps.dify_user(session),
+        events = deps.dify.chat_stream(query=session.query, user=deps.dify_user(session.user, session.chat),
                                        conversation_id=conversation_id, inputs=inputs, files=files or None,
                                        mode=mode, bearer=bearer)
         images: list[str] = []
@@ -573,7 +571,7 @@ class Relay:
             log.warning("stream %s: could not record the task id (/stop cannot reach it): %s", session.sid, exc)
             return
         if (await self._flags(session.sid)).get("stop"):
-            await deps.dify.stop(task_id, deps.dify_user(session), mode, bearer)
+            await deps.dify.stop(task_id, deps.dify_user(session.user, session.chat), mode, bearer)
 
     async def _images(self, urls: list[str]) -> list[dict[str, Any]]:
         """WeCom msg_item images for the answer's generated images (JPG/PNG, at most 10)."""
@@ -588,12 +586,8 @@ class Relay:
         """Send ``content`` through the message's response_url (once)."""
         if not session.response_url or not content.strip():
             return
-        head, cut = split_for_wecom(content)
-        if cut:
-            # One response_url message holds 20480 bytes too, and it can be used only once.
-            note = "\n\n" + texts.TRUNCATED_NOTE
-            head, _ = split_for_wecom(content, MAX_CONTENT_BYTES - len(note.encode("utf-8")))
-            content = head + note
+        # One response_url message holds 20480 bytes too, and it can be used only once.
+        content, _ = fit(content, texts.TRUNCATED_NOTE)
         delivered = await post_markdown(self.deps.http, session.response_url, content,
                                         retries=self.deps.settings.response_url_retries)
         log.log(logging.INFO if delivered else logging.ERROR, "stream %s: response_url delivery %s",
@@ -645,12 +639,17 @@ def render_answer(text: str, think: str, final: bool) -> tuple[str, str]:
     """
     # Every reasoning form starts with "<": most answers skip the parser (this runs on every poll).
     content = think_blocks(text, think, final=final) if "<" in text else text
+    return fit(content, texts.OVERFLOW_NOTE)
+
+
+def fit(content: str, note: str) -> tuple[str, str]:
+    """(content cut to WeCom's 20480 bytes, the rest); when cut, ``note`` ends the shown part."""
     head, rest = split_for_wecom(content)
     if not rest:
         return head, ""
-    note = "\n\n" + texts.OVERFLOW_NOTE
-    head, rest = split_for_wecom(content, MAX_CONTENT_BYTES - len(note.encode("utf-8")))
-    return head + note, rest
+    tail = "\n\n" + note
+    head, rest = split_for_wecom(content, MAX_CONTENT_BYTES - len(tail.encode("utf-8")))
+    return head + tail, rest
 
 
 def explain_failure(exc: Exception, bot: BotConfig) -> str:

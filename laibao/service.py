@@ -16,6 +16,7 @@ from typing import Any
 from laibao import texts
 from laibao.auth import AuthUnavailable, NotAuthorized
 from laibao.commands import HELP, NEW, STOP, help_text, read_message
+from laibao.dify import DifyClient
 from laibao.errors import DifyError, LaibaoError, StoreError
 from laibao.relay import BotDeps, Relay, new_id, render_answer
 from laibao.wecom import Callback, stream_reply, text_reply
@@ -41,7 +42,7 @@ class BotService:
         self._shown: OrderedDict[str, str] = OrderedDict()
 
     @property
-    def dify(self) -> Any:
+    def dify(self) -> DifyClient:
         """The bot's Dify client."""
         return self.deps.dify
 
@@ -138,7 +139,7 @@ class BotService:
             conversation_id = await deps.stores.conversations.get(self.bot.key, scope)
             await deps.stores.conversations.delete(self.bot.key, scope)
             if conversation_id:
-                user = f"wecom:group:{callback.chatid}" if scope == callback.chatid else f"wecom:{callback.userid}"
+                user = deps.dify_user(callback.userid, callback.chatid)
                 deps.tasks.spawn(self._forget(conversation_id, user), name=f"forget-{conversation_id}")
             return texts.NEW_CONVERSATION
         assert command == STOP
@@ -157,7 +158,7 @@ class BotService:
             credential = await self.deps.credential(session.user)
             bearer, _ = self.deps.call_auth(credential)
             mode = session.extra.get("mode", "chat")
-            await self.deps.dify.stop(session.task_id, self.deps.dify_user(session), mode, bearer)
+            await self.deps.dify.stop(session.task_id, self.deps.dify_user(session.user, session.chat), mode, bearer)
         except LaibaoError as exc:
             log.warning("stream %s: Dify stop failed: %s", session.sid, exc)
 
@@ -257,6 +258,7 @@ class BotService:
             content = "；".join([*reasons, text] if text else reasons) if rating == "dislike" else ""
             credential = await self.deps.credential(session.user)
             bearer, _ = self.deps.call_auth(credential)
-            await self.deps.dify.feedback(session.message_id, rating, self.deps.dify_user(session), content, bearer)
+            user = self.deps.dify_user(session.user, session.chat)
+            await self.deps.dify.feedback(session.message_id, rating, user, content, bearer)
         except LaibaoError as exc:
             log.warning("feedback not forwarded to Dify: %s", exc)
