@@ -14,6 +14,7 @@ import socket
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -102,7 +103,7 @@ class Config:
     media_max_bytes: int = 20 * 1024 * 1024
     response_url_retries: int = 3
 
-    @property
+    @cached_property
     def node(self) -> str:
         """This process's name in sessions and logs."""
         return self.node_id or f"{socket.gethostname()}:{self.port}"

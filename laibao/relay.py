@@ -56,42 +56,6 @@ ABANDONED_CHECK_EVERY = 25  # turn checks between looks at whether the head was 
 CHAT_MODES = frozenset({"chat", "agent-chat", "advanced-chat"})
 
 
-@dataclass(frozen=True)
-class RelaySettings:
-    """The knobs of the relay, taken from Config once."""
-
-    node: str
-    lease: float = 15.0
-    stream_ttl: float = 1800.0
-    msgid_ttl: float = 3600.0
-    flush_interval: float = 0.1
-    flush_bytes: int = 1024
-    log_content: bool = False
-    window: float = 360.0
-    window_margin: float = 20.0
-    media_hold_seconds: float = 300.0
-    media_max_bytes: int = 20 * 1024 * 1024
-    response_url_retries: int = 3
-
-    @classmethod
-    def from_config(cls, config: Config) -> RelaySettings:
-        """Take the relay's settings from the service configuration."""
-        return cls(
-            node=config.node,
-            lease=config.lease,
-            stream_ttl=config.stream_ttl,
-            msgid_ttl=config.msgid_ttl,
-            flush_interval=config.flush_interval,
-            flush_bytes=config.flush_bytes,
-            log_content=config.log_content,
-            window=config.stream_window,
-            window_margin=config.window_margin,
-            media_hold_seconds=config.media_hold_seconds,
-            media_max_bytes=config.media_max_bytes,
-            response_url_retries=config.response_url_retries,
-        )
-
-
 class OwnershipLost(Exception):
     """Another process took the session over; this relay must stop writing."""
 
@@ -309,7 +273,7 @@ class BotDeps:
     dify: DifyClient
     http: AsyncHTTPClient
     crypto: WeComCrypto
-    settings: RelaySettings
+    config: Config
     tasks: RelayTasks
     metrics: Metrics
     auth: AuthService | None = None
@@ -372,8 +336,8 @@ class Relay:
     async def run(self, session: StreamSession, takeover: bool = False) -> None:
         """Stream Dify's answer for ``session`` into the store until it is done or failed."""
         deps = self.deps
-        writer = ChunkWriter(deps.stores.streams, session.sid, deps.settings.node, deps.settings.flush_interval,
-                             deps.settings.flush_bytes, deps.clock, replace_first=takeover)
+        writer = ChunkWriter(deps.stores.streams, session.sid, deps.config.node, deps.config.flush_interval,
+                             deps.config.flush_bytes, deps.clock, replace_first=takeover)
         loop = asyncio.get_running_loop()
         beat = loop.create_task(self._keep_alive(session.sid))
         window = loop.create_task(self._watch_window(session, writer))
@@ -444,7 +408,7 @@ class Relay:
     async def _wait_turn(self, session: StreamSession) -> None:
         """Messages of one conversation reach Dify one at a time, in arrival order, across processes."""
         turns = self.deps.turns.turns
-        await turns.join(self.deps.bot.key, session.scope, session.sid, self.deps.settings.stream_ttl)
+        await turns.join(self.deps.bot.key, session.scope, session.sid, self.deps.config.stream_ttl)
         # Polled, not notified: the message ahead may be relayed by another process.
         checks = 0
         while not await turns.my_turn(self.deps.bot.key, session.scope, session.sid):
@@ -459,7 +423,7 @@ class Relay:
         head = await deps.turns.turns.head(deps.bot.key, scope)
         ahead = await deps.stores.streams.get(head) if head else None
         now = deps.clock()
-        if ahead is not None and now > ahead.deadline and now - ahead.heartbeat > deps.settings.lease:
+        if ahead is not None and now > ahead.deadline and now - ahead.heartbeat > deps.config.lease:
             log.warning("stream %s: abandoned by %s after WeCom's window; dropped from its queue",
                         ahead.sid, ahead.owner or "(released)")
             await deps.turns.turns.leave(deps.bot.key, scope, ahead.sid)
@@ -495,7 +459,7 @@ class Relay:
         parameters = await self.parameters(bearer)
         files = []
         for item in media:
-            data = await download_wecom_media(deps.http, item["url"], deps.crypto, deps.settings.media_max_bytes,
+            data = await download_wecom_media(deps.http, item["url"], deps.crypto, deps.config.media_max_bytes,
                                               timeout=30.0)
             kind = sniff(data, item.get("kind", ""))
             dify_type = check_upload(kind, len(data), parameters)
@@ -589,14 +553,14 @@ class Relay:
         # One response_url message holds 20480 bytes too, and it can be used only once.
         content, _ = fit(content, texts.TRUNCATED_NOTE)
         delivered = await post_markdown(self.deps.http, session.response_url, content,
-                                        retries=self.deps.settings.response_url_retries)
+                                        retries=self.deps.config.response_url_retries)
         log.log(logging.INFO if delivered else logging.ERROR, "stream %s: response_url delivery %s",
                 session.sid, "done" if delivered else "failed")
 
     async def _watch_window(self, session: StreamSession, writer: ChunkWriter) -> None:
         """Close the stream shortly before WeCom stops polling; the full answer follows via response_url."""
-        settings = self.deps.settings
-        closes = session.created + settings.window - settings.window_margin
+        config = self.deps.config
+        closes = session.created + config.stream_window - config.window_margin
         await asyncio.sleep(max(0.0, closes - self.deps.clock()))
         try:
             if await writer.close_window("\n\n" + texts.WINDOW_NOTE):
@@ -606,7 +570,7 @@ class Relay:
 
     async def _release(self, sid: str) -> None:
         try:
-            if await self.deps.stores.streams.release(sid, self.deps.settings.node):
+            if await self.deps.stores.streams.release(sid, self.deps.config.node):
                 log.warning("stream %s released for another process to finish", sid)
         except StoreError as exc:
             log.error("stream %s: could not release (taken over after the lease): %s", sid, exc)
@@ -621,11 +585,11 @@ class Relay:
 
     async def _keep_alive(self, sid: str) -> None:
         """Refresh the session's heartbeat while the relay runs, so no other process takes it over."""
-        period = self.deps.settings.lease / 3
+        period = self.deps.config.lease / 3
         while True:
             await asyncio.sleep(period)
             try:
-                if not await self.deps.stores.streams.heartbeat(sid, self.deps.settings.node, self.deps.clock()):
+                if not await self.deps.stores.streams.heartbeat(sid, self.deps.config.node, self.deps.clock()):
                     return
             except StoreError as exc:
                 log.warning("stream %s: heartbeat failed: %s", sid, exc)

@@ -13,7 +13,7 @@ from laibao.crypto import WeComCrypto
 from laibao.dify import DifyClient
 from laibao.errors import StoreError
 from laibao.metrics import Metrics
-from laibao.relay import BotDeps, RelaySettings, RelayTasks
+from laibao.relay import BotDeps, RelayTasks
 from laibao.service import BotService
 from stores import Stores, open_stores
 from stores.media_store import MediaHold, MemoryMediaHold, RedisMediaHold
@@ -56,7 +56,6 @@ class Runtime:
             self.auth = AuthService(config, users or open_user_store(config), open_token_cache(config), http)
             self.metrics.add_counters("laibao_auth_resolutions", "User resolutions by cache level and outcome",
                                       "level", self.auth.stats)
-        settings = RelaySettings.from_config(config)
         self.bots: dict[str, BotRuntime] = {}
         for bot in config.bots:
             dify = DifyClient(
@@ -69,7 +68,7 @@ class Runtime:
             )
             crypto = WeComCrypto(bot.token, bot.aes_key, bot.receive_id)
             deps = BotDeps(bot=bot, stores=stores, turns=turns, media=media, dify=dify, http=http, crypto=crypto,
-                           settings=settings, tasks=self.tasks, metrics=self.metrics,
+                           config=config, tasks=self.tasks, metrics=self.metrics,
                            auth=self.auth if bot.auth != "open" else None)
             self.bots[bot.name] = BotRuntime(bot, crypto, BotService(deps))
 

@@ -74,7 +74,7 @@ class BotService:
         inbound = read_message(callback, self.bot)
         if not inbound.text and not inbound.media:
             return stream_reply(sid, texts.EMPTY, finish=True)
-        winner = await deps.stores.dedupe.claim(self.bot.key, callback.msgid, sid, deps.settings.msgid_ttl)
+        winner = await deps.stores.dedupe.claim(self.bot.key, callback.msgid, sid, deps.config.msgid_ttl)
         if winner != sid:
             # WeCom delivered the callback again (maybe to another process): same stream, no second Dify call.
             log.info("bot %s: duplicate msgid, stream %s", self.bot.key, winner)
@@ -92,16 +92,16 @@ class BotService:
                 return await self._closed(sid, callback, texts.SIGN_IN_FAILED)
         if not inbound.text:
             # Media alone waits for the user's next text (WeCom's URLs stay valid for 5 minutes).
-            hold = min(deps.settings.media_hold_seconds, 290.0)
+            hold = min(deps.config.media_hold_seconds, 290.0)
             for item in inbound.media:
                 await deps.media.add(self.bot.key, scope, item, hold)
             return await self._closed(sid, callback, texts.MEDIA_HELD)
         media = [*await deps.media.take(self.bot.key, scope), *inbound.media]
         session = self._session(sid, callback, scope, inbound.text,
                                 {"media": json.dumps(media)} if media else {})
-        await deps.stores.streams.create(session, deps.settings.stream_ttl)
+        await deps.stores.streams.create(session, deps.config.stream_ttl)
         if not await deps.turns.inflight.acquire(self.bot.key, callback.userid, sid, MAX_IN_FLIGHT,
-                                                 deps.settings.window, session.created):
+                                                 deps.config.stream_window, session.created):
             await deps.stores.streams.finish(sid, session.owner, DONE, texts.TOO_MANY, {}, session.created)
             return stream_reply(sid, texts.TOO_MANY, finish=True)
         if deps.tasks.draining:
@@ -109,7 +109,7 @@ class BotService:
             await deps.stores.streams.release(sid, session.owner)
         else:
             deps.tasks.spawn(self.relay.run(session), name=f"relay-{sid}")
-        if deps.settings.log_content:
+        if deps.config.log_content:
             log.info("bot %s: stream %s for %s: %s", self.bot.key, sid, callback.userid, inbound.text)
         else:
             log.info("bot %s: stream %s started for a %s chat", self.bot.key, sid, callback.chattype)
@@ -120,13 +120,13 @@ class BotService:
         """A new session owned by this process, inside WeCom's polling window from now."""
         now = self.deps.clock()
         return StreamSession(sid=sid, bot=self.bot.key, user=callback.userid, chat=callback.chatid, query=query,
-                             scope=scope, response_url=callback.response_url, owner=self.deps.settings.node,
-                             created=now, deadline=now + self.deps.settings.window, heartbeat=now, extra=extra)
+                             scope=scope, response_url=callback.response_url, owner=self.deps.config.node,
+                             created=now, deadline=now + self.deps.config.stream_window, heartbeat=now, extra=extra)
 
     async def _closed(self, sid: str, callback: Callback, text: str) -> dict[str, Any]:
         """Reply ``text`` and finish at once, recorded so a redelivery of the callback gets the same reply."""
         session = self._session(sid, callback, "", "", {})
-        await self.deps.stores.streams.create(session, self.deps.settings.msgid_ttl)
+        await self.deps.stores.streams.create(session, self.deps.config.msgid_ttl)
         await self.deps.stores.streams.finish(sid, session.owner, DONE, text, {}, session.created)
         return stream_reply(sid, text, finish=True)
 
@@ -201,12 +201,12 @@ class BotService:
             self._shown.popitem(last=False)
 
     def _orphaned(self, snapshot: Snapshot) -> bool:
-        return snapshot.owner == "" or self.deps.clock() - snapshot.heartbeat > self.deps.settings.lease
+        return snapshot.owner == "" or self.deps.clock() - snapshot.heartbeat > self.deps.config.lease
 
     async def _take_over(self, sid: str, previous_owner: str) -> None:
         """Adopt a session whose relay died (stale heartbeat) or was released; one process wins."""
         deps = self.deps
-        if not await deps.stores.streams.take_over(sid, deps.settings.node, deps.clock(), deps.settings.lease):
+        if not await deps.stores.streams.take_over(sid, deps.config.node, deps.clock(), deps.config.lease):
             return
         session = await deps.stores.streams.get(sid)
         if session is None:
