@@ -297,6 +297,11 @@ class BotDeps:
             return Credential(userid)
         return await self.auth.resolve(self.bot, userid)
 
+    async def bearer(self, userid: str) -> str | None:
+        """The bearer a side call (stop, feedback) for this user carries; None means the app key."""
+        bearer, _ = self.call_auth(await self.credential(userid))
+        return bearer
+
     def call_auth(self, credential: Credential) -> tuple[str | None, dict[str, Any]]:
         """(bearer, inputs) of a Dify call for this user: the token in the header or as an input."""
         if not credential.token:

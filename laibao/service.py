@@ -9,9 +9,10 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Any
+
+from cachetools import LRUCache
 
 from laibao import texts
 from laibao.auth import AuthUnavailable, NotAuthorized
@@ -39,7 +40,7 @@ class BotService:
         self.bot = deps.bot
         self.relay = Relay(deps)
         # The last content each stream showed, so a poll during a store outage never shows less.
-        self._shown: OrderedDict[str, str] = OrderedDict()
+        self._shown: LRUCache[str, str] = LRUCache(maxsize=SHOWN_CACHE_SIZE)
 
     @property
     def dify(self) -> DifyClient:
@@ -155,8 +156,7 @@ class BotService:
     async def _stop(self, session: StreamSession) -> None:
         """Ask Dify to stop generating; its stream then ends normally with what was generated."""
         try:
-            credential = await self.deps.credential(session.user)
-            bearer, _ = self.deps.call_auth(credential)
+            bearer = await self.deps.bearer(session.user)
             mode = session.extra.get("mode", "chat")
             await self.deps.dify.stop(session.task_id, self.deps.dify_user(session.user, session.chat), mode, bearer)
         except LaibaoError as exc:
@@ -194,11 +194,8 @@ class BotService:
     def _remember(self, sid: str, content: str, finished: bool) -> None:
         if finished:
             self._shown.pop(sid, None)
-            return
-        self._shown[sid] = content
-        self._shown.move_to_end(sid)
-        while len(self._shown) > SHOWN_CACHE_SIZE:
-            self._shown.popitem(last=False)
+        else:
+            self._shown[sid] = content
 
     def _orphaned(self, snapshot: Snapshot) -> bool:
         return snapshot.owner == "" or self.deps.clock() - snapshot.heartbeat > self.deps.config.lease
@@ -256,8 +253,7 @@ class BotService:
             reasons = [REASONS[r] for r in feedback.get("inaccurate_reason_list") or [] if r in REASONS]
             text = str(feedback.get("content") or "").strip()
             content = "；".join([*reasons, text] if text else reasons) if rating == "dislike" else ""
-            credential = await self.deps.credential(session.user)
-            bearer, _ = self.deps.call_auth(credential)
+            bearer = await self.deps.bearer(session.user)
             user = self.deps.dify_user(session.user, session.chat)
             await self.deps.dify.feedback(session.message_id, rating, user, content, bearer)
         except LaibaoError as exc:
