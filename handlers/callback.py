@@ -96,7 +96,7 @@ class CallbackHandler(BaseHandler):
         try:
             payload = bot.crypto.open_callback(signature, timestamp, nonce, bytes(self._body))
             callback = parse_callback(payload)
-            self._kind = callback.event_type or callback.msgtype if callback.msgtype == "event" else callback.msgtype
+            self._kind = _metric_kind(callback.event_type if callback.msgtype == "event" else callback.msgtype)
         except CryptoError as exc:
             raise self._refuse(exc, bot) from exc
         except CallbackError as exc:
@@ -108,3 +108,12 @@ class CallbackHandler(BaseHandler):
         sealed = bot.crypto.seal_reply(reply, nonce)
         self.set_header("Content-Type", "application/json; charset=utf-8")
         self.finish(json.dumps(sealed, separators=(",", ":")))
+
+
+# The callback kinds counted by name; anything else is "other", so input cannot grow the label set.
+_KINDS = frozenset({"text", "voice", "mixed", "image", "file", "video", "stream",
+                    "enter_chat", "feedback_event", "template_card_event"})
+
+
+def _metric_kind(kind: str) -> str:
+    return kind if kind in _KINDS else "other"

@@ -281,6 +281,8 @@ async def test_metrics_count_what_happened(service: Service) -> None:
     service.dify.push(Script(http_status=400, error_body=json.dumps(
         {"code": "provider_quota_exceeded", "message": "quota", "status": 400}).encode()))
     await ask(service, "额度")
+    await service.wecom.stream(message("", msgtype="made-up-kind-1"))
+    await service.wecom.stream(message("", msgtype="made-up-kind-2"))
     body = (await service.wecom.http.fetch(service.wecom.base_url + "/metrics")).body.decode()
     samples = dict(line.rsplit(" ", 1) for line in body.splitlines() if line and not line.startswith("#"))
     assert samples['laibao_callbacks_total{bot="default",kind="text",outcome="ok"}'] == "2.0"
@@ -290,6 +292,8 @@ async def test_metrics_count_what_happened(service: Service) -> None:
     assert samples["laibao_answer_seconds_count"] == "1.0"
     assert samples["laibao_first_content_seconds_count"] == "1.0"
     assert samples["laibao_active_relays"] == "0.0"
+    assert samples['laibao_callbacks_total{bot="default",kind="other",outcome="ok"}'] == "2.0"
+    assert "made-up-kind" not in body  # callers cannot add label values
 
 
 @pytest.mark.gen_test(timeout=30)
