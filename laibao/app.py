@@ -58,9 +58,8 @@ async def serve(config: Config) -> None:
              bots, "redis" if config.redis_url else "in-process")
     await stop.wait()
     log.info("draining: %d relays get %.0f s to finish", len(runtime.tasks), config.shutdown_grace)
-    # From here /readyz answers 503, so the load balancer stops sending traffic, while polls that still
+    # Draining: /readyz answers 503, so the load balancer stops sending traffic, while polls that still
     # arrive are answered; new messages are recorded unowned and taken by the first other process polled.
-    runtime.tasks.draining = True
     released = await runtime.tasks.drain(config.shutdown_grace)
     server.stop()
     log.info("stopped accepting; %d unfinished relays released to other processes", released)

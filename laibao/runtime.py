@@ -20,7 +20,7 @@ from stores.media_store import MediaHold, MemoryMediaHold, RedisMediaHold
 from stores.redis_store import RedisStores
 from stores.tokens import open_token_cache
 from stores.turns_store import MemoryTurns, RedisTurns, Turns, session_status
-from stores.users import UserStore, open_user_store
+from stores.users import open_user_store
 
 log = logging.getLogger("laibao.runtime")
 
@@ -37,8 +37,7 @@ class BotRuntime:
 class Runtime:
     """Everything a handler may reach: configuration, stores, bots and their running relays."""
 
-    def __init__(self, config: Config, stores: Stores, http: AsyncHTTPClient,
-                 users: UserStore | None = None) -> None:
+    def __init__(self, config: Config, stores: Stores, http: AsyncHTTPClient) -> None:
         self.config = config
         self.stores = stores
         self.http = http
@@ -53,7 +52,7 @@ class Runtime:
         # The user store and token cache are only opened when a bot checks who may talk to it.
         self.auth: AuthService | None = None
         if any(bot.auth != "open" for bot in config.bots):
-            self.auth = AuthService(config, users or open_user_store(config), open_token_cache(config), http)
+            self.auth = AuthService(config, open_user_store(config), open_token_cache(config), http)
             self.metrics.add_counters("laibao_auth_resolutions", "User resolutions by cache level and outcome",
                                       "level", self.auth.stats)
         self.bots: dict[str, BotRuntime] = {}
