@@ -26,7 +26,7 @@ from redis.exceptions import RedisError
 from redis.typing import EncodableT, FieldT
 
 from laibao.errors import StoreError
-from stores.base import DIFY_FIELDS, DONE, ERROR, TERMINAL, Snapshot, StreamSession
+from stores.base import DIFY_FIELDS, DONE, ERROR, TERMINAL, ChunkWrite, Snapshot, StreamSession
 
 # ---------------------------------------------------------------------------------------------------
 # Lua scripts. Times travel as Python float reprs and are stored verbatim, so both implementations
@@ -51,12 +51,16 @@ end
 APPEND_LUA = (
     """
 -- KEYS[1] stream key
--- ARGV[1] owner, ARGV[2] chunk text, ARGV[3] now
--- returns 1 if the chunk was added, 0 if missing / not owned / terminal
+-- ARGV[1] owner, ARGV[2] chunk text, ARGV[3] now, ARGV[4] (optional) the index the chunk must get
+-- returns 1 if the chunk was added (or, with ARGV[4], already was: a retried write is not doubled),
+-- 0 if missing / not owned / terminal
 """
     + _OWNED_PRELUDE
     + """
 local n = tonumber(h[3]) or 0
+local want = tonumber(ARGV[4] or '')
+-- the owner is the only writer, so a count already past the index means this very write landed
+if want and want < n then return 1 end
 redis.call('HSET', KEYS[1], 'c:' .. n, ARGV[2], 'r:' .. n, '0', 'n', n + 1,
            'status', 'streaming', 'heartbeat', ARGV[3])
 refresh()
@@ -95,7 +99,12 @@ FINISH_LUA = (
 -- KEYS[1] stream key
 -- ARGV[1] owner, ARGV[2] final status, ARGV[3] last chunk ('' for none), ARGV[4] now,
 -- ARGV[5..] field name / value pairs to set
--- returns 1 if the session was finished, 0 if missing / not owned / terminal
+-- returns 1 if the session was finished (or ARGV[1] already finished it with this status: a retried
+-- finish is not an ownership loss), 0 if missing / not owned / terminal
+"""
+    + """
+local done = redis.call('HMGET', KEYS[1], 'status', 'owner')
+if done[1] == ARGV[2] and ARGV[1] ~= '' and done[2] == ARGV[1] then return 1 end
 """
     + _OWNED_PRELUDE
     + """
@@ -234,6 +243,14 @@ end
 return out
 """
 
+UNCLAIM_LUA = """
+-- KEYS[1] msgid key
+-- ARGV[1] stream id
+-- returns 1 if the key held ARGV[1] and was deleted, else 0 (another claim stands)
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
 CLAIM_LUA = """
 -- KEYS[1] msgid key
 -- ARGV[1] stream id, ARGV[2] ttl in milliseconds
@@ -342,6 +359,29 @@ class RedisStreamStore:
         with redis_errors("append"):
             return bool(await self._append(keys=[self.key(sid)], args=[owner, text, repr(float(now))]))
 
+    async def commit(self, writes: Sequence[ChunkWrite], now: float) -> list[bool]:
+        """Apply appends and replaces of many sessions in one pipelined round trip; one result each.
+
+        Each append carries the chunk index its writer expects, so a batch retried after a timeout
+        (it may have run) adds nothing twice; a replace is idempotent anyway.
+        """
+        if not writes:
+            return []
+        stamp = repr(float(now))
+        with redis_errors("commit"):
+            # No MULTI: the writes are independent, each script is atomic on its own, and a session's
+            # writes never share a batch with an earlier one of its own (the flusher waits per tick).
+            async with self._client.pipeline(transaction=False) as pipe:
+                for write in writes:
+                    if write.replace:
+                        await self._replace(keys=[self.key(write.sid)], args=[write.owner, write.text, stamp],
+                                            client=pipe)
+                    else:
+                        await self._append(keys=[self.key(write.sid)],
+                                           args=[write.owner, write.text, stamp, write.index], client=pipe)
+                results = await pipe.execute()
+        return [bool(result) for result in results]
+
     async def replace(self, sid: str, owner: str, text: str, now: float) -> bool:
         """Make ``text`` the whole content (one unread chunk); same guards as ``append``."""
         with redis_errors("replace"):
@@ -416,12 +456,21 @@ class RedisDedupeStore:
     def __init__(self, client: aioredis.Redis, prefix: str) -> None:
         self._prefix = prefix
         self._claim = client.register_script(CLAIM_LUA)
+        self._unclaim = client.register_script(UNCLAIM_LUA)
+
+    def _key(self, bot: str, msgid: str) -> str:
+        return f"{self._prefix}:msgid:{bot}:{msgid}"
 
     async def claim(self, bot: str, msgid: str, sid: str, ttl: float) -> str:
         """Store ``sid`` for the message if none is stored; return the stream id now stored."""
         px = ttl_ms(ttl)
         with redis_errors("claim"):
-            return str(await self._claim(keys=[f"{self._prefix}:msgid:{bot}:{msgid}"], args=[sid, px]))
+            return str(await self._claim(keys=[self._key(bot, msgid)], args=[sid, px]))
+
+    async def unclaim(self, bot: str, msgid: str, sid: str) -> bool:
+        """Forget the message's claim if ``sid`` holds it, so a redelivery starts afresh."""
+        with redis_errors("unclaim"):
+            return bool(await self._unclaim(keys=[self._key(bot, msgid)], args=[sid]))
 
 
 class RedisConversationStore:
@@ -463,6 +512,8 @@ class RedisStores:
         prefix: str = "laibao",
         connect_timeout: float = 2.0,
         timeout: float = 5.0,
+        pool_size: int = 50,
+        pool_timeout: float = 5.0,
     ) -> None:
         # One quick retry, on connection errors only: it covers a pooled socket the server closed
         # (restart, idle timeout). A timeout is not retried: the script may have run, and running
@@ -470,8 +521,12 @@ class RedisStores:
         # relay for seconds while Redis is down instead of failing it with a clear message.
         retry = Retry(ExponentialWithJitterBackoff(base=0.05, cap=0.5), retries=1,
                       supported_errors=(RedisConnectionError,))
-        self.client: aioredis.Redis = aioredis.Redis.from_url(
+        # A burst waits (up to pool_timeout) for a free connection instead of failing at once, as the
+        # default pool does past its size: a busy Redis makes answers slower, never refused.
+        pool = aioredis.BlockingConnectionPool.from_url(
             url,
+            max_connections=pool_size,
+            timeout=pool_timeout,
             decode_responses=True,
             # any Python str round-trips, as in the memory store (JSON may carry a lone surrogate)
             encoding_errors="surrogatepass",
@@ -480,6 +535,7 @@ class RedisStores:
             health_check_interval=30,
             retry=retry,
         )
+        self.client: aioredis.Redis = aioredis.Redis.from_pool(pool)
         self.streams = RedisStreamStore(self.client, prefix)
         self.dedupe = RedisDedupeStore(self.client, prefix)
         self.conversations = RedisConversationStore(self.client, prefix)
