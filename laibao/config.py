@@ -81,6 +81,7 @@ class Config:
     redis_pool_size: int = 50  # connections per process; a burst waits for one instead of failing
     redis_pool_timeout: float = 5.0  # seconds to wait for a free connection before the call fails
     max_relays: int = 400  # live answers per process; past it a message waits, unowned, for room elsewhere
+    event_loop: str = "uvloop"  # uvloop | asyncio
     lease: float = 15.0
     stream_ttl: float = 1800.0
     msgid_ttl: float = 3600.0
@@ -183,6 +184,7 @@ _GLOBAL_PARSERS: dict[str, Parser] = {
     "redis_pool_size": _int,
     "redis_pool_timeout": _float,
     "max_relays": _int,
+    "event_loop": _choice("uvloop", "asyncio"),
     "lease": _float,
     "stream_ttl": _float,
     "msgid_ttl": _float,

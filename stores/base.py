@@ -93,7 +93,7 @@ class StreamStore(Protocol):
         ...
 
     async def commit(self, writes: Sequence[ChunkWrite], now: float) -> list[bool]:
-        """Apply the appends and replaces of many sessions in one round trip; a result per write.
+        """Apply the appends and replaces of many sessions at once (one round trip); a result per write.
 
         An append whose ``index`` the session's chunk count already passed is not applied again (it
         landed before a retry), and a retried ``finish`` of the same owner and status reports True.

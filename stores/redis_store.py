@@ -156,6 +156,45 @@ return 1
 """
 )
 
+COMMIT_LUA = """
+-- KEYS[1..n] stream keys, one per write
+-- ARGV[1] now; then per write i, from ARGV[2 + 4 * (i - 1)]: owner, text, chunk index, mode ('a' append, 'r' replace)
+-- returns {r1, ..., rn}: 1 if write i was applied (an append whose index the count already passed
+-- landed before a retry and is not applied again), 0 if its session is missing / not owned / terminal
+local out = {}
+for i = 1, #KEYS do
+  local key = KEYS[i]
+  local base = 2 + 4 * (i - 1)
+  local owner, text, want, mode = ARGV[base], ARGV[base + 1], tonumber(ARGV[base + 2]), ARGV[base + 3]
+  local h = redis.call('HMGET', key, 'status', 'owner', 'n', 'ttl')
+  local ok = 0
+  if h[1] and h[1] ~= 'done' and h[1] ~= 'error' and owner ~= '' and h[2] == owner then
+    local n = tonumber(h[3]) or 0
+    ok = 1
+    if mode == 'r' then
+      local names = {}
+      for k = 1, n - 1 do
+        names[#names + 1] = 'c:' .. k
+        names[#names + 1] = 'r:' .. k
+        if #names >= 1000 then
+          redis.call('HDEL', key, unpack(names))
+          names = {}
+        end
+      end
+      if #names > 0 then redis.call('HDEL', key, unpack(names)) end
+      redis.call('HSET', key, 'c:0', text, 'r:0', '0', 'n', 1, 'status', 'streaming', 'heartbeat', ARGV[1])
+    elseif not (want < n) then
+      redis.call('HSET', key, 'c:' .. n, text, 'r:' .. n, '0', 'n', n + 1, 'status', 'streaming',
+                 'heartbeat', ARGV[1])
+    end
+    local ttl = tonumber(h[4])
+    if ttl and ttl > 0 then redis.call('PEXPIRE', key, math.max(1, math.floor(ttl * 1000 + 0.5))) end
+  end
+  out[i] = ok
+end
+return out
+"""
+
 TAKE_OVER_LUA = """
 -- KEYS[1] stream key
 -- ARGV[1] new owner, ARGV[2] now, ARGV[3] lease (seconds)
@@ -262,6 +301,10 @@ redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 return ARGV[1]
 """
 
+# Writes per COMMIT_LUA call: a script blocks Redis while it runs, so a huge batch goes as several
+# calls in one pipeline (still one round trip).
+COMMIT_GROUP = 200
+
 # The session fields stored under their own names (sid is in the key, extras under "x:").
 _TEXT_FIELDS = ("bot", "user", "chat", "query", "scope", "response_url", "owner", "status",
                 "conversation_id", "message_id", "task_id")
@@ -301,6 +344,7 @@ class RedisStreamStore:
         self._heartbeat = client.register_script(HEARTBEAT_LUA)
         self._release = client.register_script(RELEASE_LUA)
         self._take_over = client.register_script(TAKE_OVER_LUA)
+        self._commit = client.register_script(COMMIT_LUA)
         self._poll = client.register_script(POLL_LUA)
         self._get = client.register_script(GET_LUA)
         self._annotate = client.register_script(ANNOTATE_LUA)
@@ -360,27 +404,31 @@ class RedisStreamStore:
             return bool(await self._append(keys=[self.key(sid)], args=[owner, text, repr(float(now))]))
 
     async def commit(self, writes: Sequence[ChunkWrite], now: float) -> list[bool]:
-        """Apply appends and replaces of many sessions in one pipelined round trip; one result each.
+        """Apply appends and replaces of many sessions in one script call; one result each.
 
-        Each append carries the chunk index its writer expects, so a batch retried after a timeout
-        (it may have run) adds nothing twice; a replace is idempotent anyway.
+        One round trip and one command for the whole batch, whatever its size. Each append carries
+        the chunk index its writer expects, so a batch retried after a timeout (it may have run) adds
+        nothing twice; a replace is idempotent anyway.
         """
         if not writes:
             return []
         stamp = repr(float(now))
+        groups = [writes[i:i + COMMIT_GROUP] for i in range(0, len(writes), COMMIT_GROUP)]
         with redis_errors("commit"):
-            # No MULTI: the writes are independent, each script is atomic on its own, and a session's
-            # writes never share a batch with an earlier one of its own (the flusher waits per tick).
-            async with self._client.pipeline(transaction=False) as pipe:
-                for write in writes:
-                    if write.replace:
-                        await self._replace(keys=[self.key(write.sid)], args=[write.owner, write.text, stamp],
-                                            client=pipe)
-                    else:
-                        await self._append(keys=[self.key(write.sid)],
-                                           args=[write.owner, write.text, stamp, write.index], client=pipe)
-                results = await pipe.execute()
-        return [bool(result) for result in results]
+            if len(groups) == 1:
+                replies = [await self._commit_call(groups[0], stamp, self._client)]
+            else:
+                async with self._client.pipeline(transaction=False) as pipe:
+                    for group in groups:
+                        await self._commit_call(group, stamp, pipe)
+                    replies = await pipe.execute()
+        return [bool(result) for reply in replies for result in reply]
+
+    async def _commit_call(self, group: Sequence[ChunkWrite], stamp: str, client: Any) -> Any:
+        args: list[EncodableT] = [stamp]
+        for write in group:
+            args += [write.owner, write.text, write.index, "r" if write.replace else "a"]
+        return await self._commit(keys=[self.key(write.sid) for write in group], args=args, client=client)
 
     async def replace(self, sid: str, owner: str, text: str, now: float) -> bool:
         """Make ``text`` the whole content (one unread chunk); same guards as ``append``."""
