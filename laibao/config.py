@@ -21,6 +21,8 @@ from urllib.parse import urlsplit
 
 from laibao.crypto import WeComCrypto
 from laibao.errors import ConfigError, CryptoError
+from stores.connection import parse_url as parse_redis_url
+from stores.keys import Keys
 
 ENV_PREFIX = "LAIBAO_"
 BOT_NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -72,6 +74,8 @@ class Config:
     port: int = 8000
     node_id: str = ""
     redis_url: str = field(default="", repr=False)
+    redis_prefix: str = "laibao"  # the first part of every key laibao owns (not the authorization:* ones)
+    redis_sentinel_password: str = field(default="", repr=False)  # the sentinels' own password, if they have one
     mysql_url: str = field(default="", repr=False)
     log_level: str = "INFO"
     dify_connect_timeout: float = 10.0
@@ -174,6 +178,8 @@ _GLOBAL_PARSERS: dict[str, Parser] = {
     "port": _int,
     "node_id": _str,
     "redis_url": _str,
+    "redis_prefix": _str,
+    "redis_sentinel_password": _str,
     "mysql_url": _str,
     "log_level": _str,
     "log_content": _bool,
@@ -400,8 +406,15 @@ def _check_globals(config: Config) -> list[str]:
         value = getattr(config, f.name)
         if f.name != "port" and isinstance(value, int | float) and not isinstance(value, bool) and value <= 0:
             problems.append(f"{f.name}: must be positive, got {value}")
-    if config.redis_url and urlsplit(config.redis_url).scheme not in ("redis", "rediss", "unix"):
-        problems.append("redis_url: must start with redis://, rediss:// or unix://")
+    if config.redis_url:
+        try:
+            parse_redis_url(config.redis_url)
+        except ValueError as exc:
+            problems.append(f"redis_url: {exc}")
+    try:
+        Keys(config.redis_prefix)
+    except ValueError as exc:
+        problems.append(f"redis_prefix: {exc}")
     if config.mysql_url and urlsplit(config.mysql_url).scheme != "mysql":
         problems.append("mysql_url: must start with mysql://")
     if config.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
@@ -451,6 +464,6 @@ def _kind(parse: Parser) -> str:
 
 def _shown(name: str, raw: Any) -> str:
     """A value fit for an error line: secrets are never echoed."""
-    if name in ("token", "aes_key", "dify_key", "redis_url", "mysql_url"):
+    if name in ("token", "aes_key", "dify_key", "redis_url", "mysql_url", "redis_sentinel_password"):
         return "(hidden)"
     return repr(raw)[:60]

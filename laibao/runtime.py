@@ -52,7 +52,7 @@ class Runtime:
         turns: Turns
         media: MediaHold
         if isinstance(stores, RedisStores):
-            turns, media = RedisTurns(stores.client), RedisMediaHold(stores.client)
+            turns, media = RedisTurns(stores.client, stores.keys), RedisMediaHold(stores.client, stores.keys)
         else:
             turns, media = MemoryTurns(session_status(stores.streams)), MemoryMediaHold()
         self.turns = turns
@@ -87,8 +87,9 @@ class Runtime:
         """Open the stores and the shared HTTP client (must run inside the event loop)."""
         # Each live answer holds one HTTP connection to Dify: the default of 10 would queue answers.
         http = AsyncHTTPClient(force_instance=True, max_clients=config.http_max_clients)
-        stores = open_stores(config.redis_url or None, pool_size=config.redis_pool_size,
-                             pool_timeout=config.redis_pool_timeout)
+        stores = open_stores(config.redis_url or None, prefix=config.redis_prefix,
+                             sentinel_password=config.redis_sentinel_password or None,
+                             pool_size=config.redis_pool_size, pool_timeout=config.redis_pool_timeout)
         return cls(config, stores, http)
 
     async def start(self) -> None:

@@ -131,11 +131,14 @@ class StreamStore(Protocol):
 class DedupeStore(Protocol):
     """WeCom message ids already seen, so a redelivered callback finds its stream."""
 
-    async def claim(self, bot: str, msgid: str, sid: str, ttl: float) -> str:
-        """Store ``sid`` for the message if none is stored; return the stream id now stored."""
+    async def claim(self, bot: str, user: str, chat: str, msgid: str, sid: str, ttl: float) -> str:
+        """Store ``sid`` for the message if none is stored; return the stream id now stored.
+
+        The claim is the sender's: another user (or chat) reusing the msgid claims another key.
+        """
         ...
 
-    async def unclaim(self, bot: str, msgid: str, sid: str) -> bool:
+    async def unclaim(self, bot: str, user: str, chat: str, msgid: str, sid: str) -> bool:
         """Drop the claim if ``sid`` holds it (its session could not be recorded); True if dropped."""
         ...
 

@@ -25,8 +25,10 @@ from stores.base import (
     Snapshot,
     StreamSession,
 )
+from stores.keys import Keys
 
 V = TypeVar("V")
+_KEYS = Keys()  # the maps are keyed by the Redis key names, so the same parts collide and no others
 
 Clock = Callable[[], float]
 
@@ -329,19 +331,19 @@ class MemoryDedupeStore:
     def __init__(self, max_entries: int, clock: Clock) -> None:
         self._claims: ExpiringMap[str] = ExpiringMap(max_entries, clock)
 
-    async def claim(self, bot: str, msgid: str, sid: str, ttl: float) -> str:
-        """Store ``sid`` for the message if none is stored; return the stream id now stored."""
+    async def claim(self, bot: str, user: str, chat: str, msgid: str, sid: str, ttl: float) -> str:
+        """Store ``sid`` for the sender's message if none is stored; return the stream id now stored."""
         _check_ttl(ttl)
-        key = f"{bot}:{msgid}"  # joined as in the Redis key, so the same pairs collide
+        key = _KEYS.msgid(bot, user, chat, msgid)  # the Redis key names: the same tuples collide, no others
         current = self._claims.get(key)
         if current is not None:
             return current
         self._claims.put(key, sid, ttl)
         return sid
 
-    async def unclaim(self, bot: str, msgid: str, sid: str) -> bool:
+    async def unclaim(self, bot: str, user: str, chat: str, msgid: str, sid: str) -> bool:
         """Forget the message's claim if ``sid`` holds it, so a redelivery starts afresh."""
-        key = f"{bot}:{msgid}"
+        key = _KEYS.msgid(bot, user, chat, msgid)
         if self._claims.get(key) != sid:
             return False
         self._claims.pop(key)
@@ -356,16 +358,16 @@ class MemoryConversationStore:
 
     async def get(self, bot: str, scope: str) -> str | None:
         """The conversation id for the scope, or None."""
-        return self._conversations.get(f"{bot}:{scope}")
+        return self._conversations.get(_KEYS.conversation(bot, scope))
 
     async def set(self, bot: str, scope: str, conversation_id: str, ttl: float) -> None:
         """Remember the conversation id for ``ttl`` seconds."""
         _check_ttl(ttl)
-        self._conversations.put(f"{bot}:{scope}", conversation_id, ttl)
+        self._conversations.put(_KEYS.conversation(bot, scope), conversation_id, ttl)
 
     async def delete(self, bot: str, scope: str) -> None:
         """Forget the scope's conversation (``/new``)."""
-        self._conversations.pop(f"{bot}:{scope}")
+        self._conversations.pop(_KEYS.conversation(bot, scope))
 
 
 class MemoryStores:

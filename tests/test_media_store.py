@@ -13,6 +13,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from laibao.errors import StoreError
+from stores.keys import Keys
 from stores.media_store import MediaHold, MemoryMediaHold, RedisMediaHold
 from tests.servers import free_port
 
@@ -133,8 +134,8 @@ async def test_redis_layout_is_a_json_list_with_a_ttl(redis_url: str) -> None:
     try:
         hold = RedisMediaHold(client)
         await hold.add("hr", "zhangsan", IMAGE, 120)
-        key = "laibao:media:hr:zhangsan"
-        assert hold.key("hr", "zhangsan") == key
+        key = Keys().media("hr", "zhangsan")
+        assert hold.key("hr", "zhangsan") == key and key.startswith("laibao:media:{")
         assert await client.type(key) == "list"
         assert 0 < await client.pttl(key) <= 120_000
         (raw,) = await client.lrange(key, 0, -1)
