@@ -6,8 +6,6 @@ Every problem found is reported on its own line (``ConfigError.problems``); secr
 
 from __future__ import annotations
 
-import base64
-import binascii
 import os
 import re
 import socket
@@ -23,6 +21,7 @@ from laibao.crypto import WeComCrypto
 from laibao.errors import ConfigError, CryptoError
 from stores.connection import parse_url as parse_redis_url
 from stores.keys import Keys
+from stores.users import secret_key_bytes
 
 ENV_PREFIX = "LAIBAO_"
 BOT_NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -435,15 +434,6 @@ def _check_globals(config: Config) -> list[str]:
     if config.lease < 3 * config.flush_interval:
         problems.append("lease: must be well above flush_interval")
     return problems
-
-
-def secret_key_bytes(key: str) -> bytes | None:
-    """The 32-byte AES-GCM key for secrets at rest, or None when ``key`` is not base64 of 32 bytes."""
-    try:
-        raw = base64.b64decode(key, validate=True)
-    except (binascii.Error, ValueError):
-        return None
-    return raw if len(raw) == 32 else None
 
 
 def _valid_aes_key(key: str) -> bool:

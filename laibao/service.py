@@ -202,12 +202,14 @@ class BotService:
 
     async def refresh(self, sid: str, duplicate: bool = False) -> dict[str, Any]:
         """Answer a refresh poll with the cumulative snapshot; finish once the final content is in it."""
-        snapshot = await self.streams.poll(sid, self.bot.key)
+        snapshot = await self.streams.poll(sid, self.bot.key, self.clock())
         if snapshot is None:
             if duplicate:
                 # The first delivery is being set up on another process right now.
                 return stream_reply(sid, self.bot.placeholder, finish=False)
             return stream_reply(sid, texts.EXPIRED, finish=True)
+        for lag in snapshot.lags:
+            self.metrics.visible_lag.observe(max(0.0, lag))
         if not snapshot.finished and self._orphaned(snapshot):
             await self.answers.take_over(sid, snapshot.owner)
         content = self.render(snapshot)

@@ -125,6 +125,7 @@ class _Session:
     ttl: float
     chunks: list[str] = field(default_factory=list)
     read: list[bool] = field(default_factory=list)
+    written: list[float] = field(default_factory=list)  # when each chunk was written (0: unknown)
     fin: bool = False  # a poll has returned the terminal status
 
 
@@ -164,6 +165,7 @@ class MemoryStreamStore:
             # as in Redis, a count without chunk fields reads as that many empty, unread chunks
             chunks=[""] * session.n,
             read=[False] * session.n,
+            written=[0.0] * session.n,
         )
         self._sessions.put(session.sid, record, ttl)
 
@@ -214,6 +216,7 @@ class MemoryStreamStore:
             return True
         s.chunks.append(text)
         s.read.append(False)
+        s.written.append(float(now))
         s.status = STREAMING
         s.heartbeat = float(now)
         self._sessions.touch(sid, s.ttl)
@@ -226,6 +229,7 @@ class MemoryStreamStore:
             return False
         s.chunks = [text]
         s.read = [False]
+        s.written = [float(now)]
         s.status = STREAMING
         s.heartbeat = float(now)
         self._sessions.touch(sid, s.ttl)
@@ -246,6 +250,7 @@ class MemoryStreamStore:
         if text:
             s.chunks.append(text)
             s.read.append(False)
+            s.written.append(float(now))
         s.status = status
         s.heartbeat = float(now)
         for name, value in fields.items():
@@ -277,12 +282,14 @@ class MemoryStreamStore:
         self._sessions.touch(sid, s.ttl)
         return True
 
-    async def poll(self, sid: str, bot: str = "") -> Snapshot | None:
+    async def poll(self, sid: str, bot: str = "", now: float | None = None) -> Snapshot | None:
         """Read everything, marking the chunks read; None if unknown, expired or another bot's."""
         s = self._sessions.get(sid)
         if s is None or (bot and s.bot != bot):
             return None
         unread = s.read.count(False)
+        lags = () if now is None else tuple(
+            now - written for written, read in zip(s.written, s.read, strict=True) if not read and written > 0)
         s.read = [True] * len(s.chunks)
         delivered = s.fin
         if s.status in TERMINAL:
@@ -297,6 +304,7 @@ class MemoryStreamStore:
             deadline=s.deadline,
             final_delivered=delivered,
             items=s.extra.get("items", "") if s.status in TERMINAL else "",
+            lags=lags,
         )
 
     async def take_over(self, sid: str, new_owner: str, now: float, lease: float) -> bool:

@@ -63,7 +63,7 @@ local n = tonumber(h[3]) or 0
 local want = tonumber(ARGV[4] or '')
 -- the owner is the only writer, so a count already past the index means this very write landed
 if want and want < n then return 1 end
-redis.call('HSET', KEYS[1], 'c:' .. n, ARGV[2], 'r:' .. n, '0', 'n', n + 1,
+redis.call('HSET', KEYS[1], 'c:' .. n, ARGV[2], 'r:' .. n, ARGV[3], 'n', n + 1,
            'status', $STREAMING, 'heartbeat', ARGV[3])
 refresh()
 return 1
@@ -90,7 +90,7 @@ for i = 1, n - 1 do
   end
 end
 if #names > 0 then redis.call('HDEL', KEYS[1], unpack(names)) end
-redis.call('HSET', KEYS[1], 'c:0', ARGV[2], 'r:0', '0', 'n', 1, 'status', $STREAMING, 'heartbeat', ARGV[3])
+redis.call('HSET', KEYS[1], 'c:0', ARGV[2], 'r:0', ARGV[3], 'n', 1, 'status', $STREAMING, 'heartbeat', ARGV[3])
 refresh()
 return 1
 """
@@ -116,7 +116,7 @@ if ARGV[3] ~= '' then
   set[#set + 1] = 'c:' .. n
   set[#set + 1] = ARGV[3]
   set[#set + 1] = 'r:' .. n
-  set[#set + 1] = '0'
+  set[#set + 1] = ARGV[4]
   set[#set + 1] = 'n'
   set[#set + 1] = n + 1
 end
@@ -184,9 +184,9 @@ for i = 1, #KEYS do
         end
       end
       if #names > 0 then redis.call('HDEL', key, unpack(names)) end
-      redis.call('HSET', key, 'c:0', text, 'r:0', '0', 'n', 1, 'status', $STREAMING, 'heartbeat', ARGV[1])
+      redis.call('HSET', key, 'c:0', text, 'r:0', ARGV[1], 'n', 1, 'status', $STREAMING, 'heartbeat', ARGV[1])
     elseif not (want < n) then
-      redis.call('HSET', key, 'c:' .. n, text, 'r:' .. n, '0', 'n', n + 1, 'status', $STREAMING,
+      redis.call('HSET', key, 'c:' .. n, text, 'r:' .. n, ARGV[1], 'n', n + 1, 'status', $STREAMING,
                  'heartbeat', ARGV[1])
     end
     local ttl = tonumber(h[4])
@@ -214,16 +214,23 @@ return 1
 
 POLL_LUA = """
 -- KEYS[1] stream key
--- ARGV[1] the polling bot ('' = any)
+-- ARGV[1] the polling bot ('' = any), ARGV[2] now ('' = not given)
 -- returns nil if the session is missing or belongs to another bot (nothing changes then), else
---   {status, content, n, unread, owner, heartbeat, deadline, final_delivered (0/1), items ('' unless over)}
--- and marks every chunk read; a terminal status also marks the final content delivered ('fin')
+--   {status, content, n, unread, owner, heartbeat, deadline, final_delivered (0/1), items ('' unless over),
+--    lags}
+-- and marks every chunk read; a terminal status also marks the final content delivered ('fin').
+-- A chunk's read flag r:{i} holds its write time until delivered, then 'd' .. the time of the first
+-- poll that delivered it ('1' when no time was given); lags lists now - write time of those chunks
 local h = redis.call('HMGET', KEYS[1], 'status', 'n', 'owner', 'heartbeat', 'deadline', 'fin', 'bot')
 if not h[1] then return false end
 if ARGV[1] ~= '' and h[7] ~= ARGV[1] then return false end
 local n = tonumber(h[2]) or 0
+local now = tonumber(ARGV[2] or '')
+local mark = '1'
+if now then mark = 'd' .. ARGV[2] end
 local parts = {}
 local unread = {}
+local lags = {}
 local i = 0
 -- HMGET / HSET in batches so a long answer never exceeds Lua's unpack() limit
 while i < n do
@@ -236,9 +243,12 @@ while i < n do
   local vals = redis.call('HMGET', KEYS[1], unpack(names))
   for k = 1, #names, 2 do
     parts[#parts + 1] = vals[k] or ''
-    if vals[k + 1] ~= '1' then
+    local flag = vals[k + 1] or ''
+    if flag ~= '1' and string.sub(flag, 1, 1) ~= 'd' then
       unread[#unread + 1] = names[k + 1]
-      unread[#unread + 1] = '1'
+      unread[#unread + 1] = mark
+      local written = tonumber(flag)
+      if now and written and written > 0 then lags[#lags + 1] = tostring(now - written) end
     end
   end
   i = j
@@ -252,7 +262,7 @@ if h[6] == '1' then fin = 1 end
 if (h[1] == $DONE or h[1] == $ERROR) and fin == 0 then redis.call('HSET', KEYS[1], 'fin', '1') end
 local items = ''
 if h[1] == $DONE or h[1] == $ERROR then items = redis.call('HGET', KEYS[1], 'x:items') or '' end
-return {h[1], table.concat(parts), n, count, h[3] or '', h[4] or '0', h[5] or '0', fin, items}
+return {h[1], table.concat(parts), n, count, h[3] or '', h[4] or '0', h[5] or '0', fin, items, lags}
 """
 
 ANNOTATE_LUA = """
@@ -473,13 +483,14 @@ class RedisStreamStore:
         with redis_errors("heartbeat"):
             return bool(await self._heartbeat(keys=[self.key(sid)], args=[owner, repr(float(now))]))
 
-    async def poll(self, sid: str, bot: str = "") -> Snapshot | None:
+    async def poll(self, sid: str, bot: str = "", now: float | None = None) -> Snapshot | None:
         """Read everything in one round trip, marking the chunks read; None if unknown, expired or another bot's."""
+        stamp = "" if now is None else repr(float(now))
         with redis_errors("poll"):
-            reply: Sequence[Any] | None = await self._poll(keys=[self.key(sid)], args=[bot])
+            reply: Sequence[Any] | None = await self._poll(keys=[self.key(sid)], args=[bot, stamp])
         if reply is None:
             return None
-        status, content, n, unread, owner, heartbeat, deadline, fin, items = reply
+        status, content, n, unread, owner, heartbeat, deadline, fin, items, lags = reply
         return Snapshot(
             status=status,
             content=content,
@@ -490,6 +501,7 @@ class RedisStreamStore:
             deadline=_float(deadline),
             final_delivered=bool(fin),
             items=items,
+            lags=tuple(float(lag) for lag in lags),
         )
 
     async def take_over(self, sid: str, new_owner: str, now: float, lease: float) -> bool:

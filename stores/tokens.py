@@ -23,17 +23,15 @@ import logging
 import time
 import uuid
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
-from redis.exceptions import RedisError
+from redis.asyncio.lock import Lock
+from redis.exceptions import LockError, RedisError
 
 from stores.connection import Client, close, connect, register
 from stores.errors import redis_errors, ttl_ms
 from stores.keys import DEFAULT_PREFIX, Keys
 from stores.memory_store import ExpiringMap
-
-if TYPE_CHECKING:
-    from laibao.config import Config
 
 __all__ = [
     "EVERY_USER",
@@ -208,17 +206,6 @@ end
 return 0
 """
 
-RELEASE_LOCK_LUA = """
--- KEYS[1] laibao:auth:lock:{userid}
--- ARGV[1] the lock id the holder got from acquire_lock
--- returns 1 if the lock was released, 0 if it had expired or belongs to another holder
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('DEL', KEYS[1])
-end
-return 0
-"""
-
-
 class RedisTokenCache:
     """Tokens in Redis for every process, on this cache's own client."""
 
@@ -238,7 +225,6 @@ class RedisTokenCache:
         self._keys = Keys(prefix)
         self._channel = self._keys.invalidate_channel
         self._drop = register(self.client, DROP_POINTER_LUA)
-        self._release = register(self.client, RELEASE_LOCK_LUA)
         self._connect_timeout = connect_timeout
         self._reconnect_delays = reconnect_delays
         self._listener: asyncio.Task[None] | None = None
@@ -275,15 +261,21 @@ class RedisTokenCache:
 
     async def acquire_lock(self, userid: str, ttl: float) -> str | None:
         """Take the user's sign-in lock for ``ttl`` seconds; its id, or None if another holds it."""
+        ttl_ms(ttl)  # the same refusal of a non-positive TTL as everywhere
         lock_id = uuid.uuid4().hex
         with redis_errors("acquire lock"):
-            taken = await self.client.set(self._keys.auth_lock(userid), lock_id, nx=True, px=ttl_ms(ttl))
+            taken = await self._lock(userid, ttl).acquire(blocking=False, token=lock_id)
         return lock_id if taken else None
 
     async def release_lock(self, userid: str, lock_id: str) -> None:
         """Release the lock if ``lock_id`` still holds it."""
-        with redis_errors("release lock"):
-            await self._release(keys=[self._keys.auth_lock(userid)], args=[lock_id])
+        with redis_errors("release lock"), contextlib.suppress(LockError):
+            # LockNotOwnedError: it expired, or another holder has it now; either way it is not ours
+            await self._lock(userid, None).do_release(lock_id.encode())
+
+    def _lock(self, userid: str, ttl: float | None) -> Lock:
+        """redis-py's lock on the user's sign-in key (one key: fine on a cluster)."""
+        return Lock(self.client, self._keys.auth_lock(userid), timeout=ttl)
 
     async def publish_invalidation(self, userid: str) -> None:
         """Tell every process (this one included) to drop its local copy of the user's token."""
@@ -369,7 +361,26 @@ def _call(callback: Invalidated, userid: str) -> None:
         log.exception("invalidation callback failed for %s", userid)
 
 
-def open_token_cache(config: Config) -> TokenCache:
+class TokenSettings(Protocol):
+    """What ``open_token_cache`` reads from the configuration (``laibao.config.Config`` has it)."""
+
+    @property
+    def redis_url(self) -> str:
+        """LAIBAO_REDIS_URL, or "" for one process."""
+        ...
+
+    @property
+    def redis_prefix(self) -> str:
+        """LAIBAO_REDIS_PREFIX."""
+        ...
+
+    @property
+    def redis_sentinel_password(self) -> str:
+        """LAIBAO_REDIS_SENTINEL_PASSWORD, or ""."""
+        ...
+
+
+def open_token_cache(config: TokenSettings) -> TokenCache:
     """Redis when ``redis_url`` is set, else in-process."""
     if config.redis_url:
         return RedisTokenCache(config.redis_url, prefix=config.redis_prefix,

@@ -292,6 +292,9 @@ async def test_metrics_count_what_happened(service: Service) -> None:
     assert samples['laibao_dify_errors_total{bot="default",code="provider_quota_exceeded"}'] == "1.0"
     assert samples["laibao_answer_seconds_count"] == "1.0"
     assert samples["laibao_first_content_seconds_count"] == "1.0"
+    # every chunk of both answers was delivered once, each after a measured wait
+    assert float(samples["laibao_visible_lag_seconds_count"]) >= 2
+    assert 0 < float(samples["laibao_visible_lag_seconds_sum"]) < 60
     assert samples["laibao_active_relays"] == "0.0"
     assert samples['laibao_callbacks_total{bot="default",kind="other",outcome="ok"}'] == "2.0"
     assert "made-up-kind" not in body  # callers cannot add label values

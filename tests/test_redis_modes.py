@@ -7,6 +7,8 @@ the real HTTP path with a Dify stand-in.
 from __future__ import annotations
 
 import asyncio
+import os
+import sys
 from collections.abc import Iterator
 
 import pytest
@@ -17,8 +19,8 @@ from laibao.errors import StoreError
 from stores import ChunkWrite, RedisStores, StreamSession
 from stores.keys import Keys, new_sid
 from stores.tokens import RedisTokenCache
-from tests.difystub import Script
-from tests.harness import Service, eventually, follow, message, running_service
+from tests.difystub import DifyStub, Script
+from tests.harness import AES_KEY, TOKEN, Service, eventually, follow, message, running_service
 from tests.servers import RedisCluster, RedisSentinelSet, RedisServer
 
 T0 = 1_732_500_000.0
@@ -71,6 +73,25 @@ async def test_check_names_each_mode(redis_url: str, redis_cluster: RedisCluster
             assert (await stores.describe()).startswith(expected)
         finally:
             await stores.close()
+
+
+@pytest.mark.cluster
+@pytest.mark.sentinel
+@pytest.mark.gen_test(timeout=60)
+async def test_laibao_check_says_how_it_connected(redis_cluster: RedisCluster, redis_sentinel: RedisSentinelSet,
+                                                  stub: DifyStub) -> None:
+    for url, expected in (
+        (redis_cluster.url, "redis: ok, cluster, 6 nodes (3 primaries)"),
+        (redis_sentinel.url,
+         f"redis: ok, sentinel, primary laibao-primary at 127.0.0.1:{redis_sentinel.primary_port()}"),
+    ):
+        env = {**os.environ, "LAIBAO_WECOM_TOKEN": TOKEN, "LAIBAO_WECOM_AES_KEY": AES_KEY,
+               "LAIBAO_DIFY_URL": stub.base_url, "LAIBAO_DIFY_KEY": stub.api_key, "LAIBAO_REDIS_URL": url}
+        proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "laibao.cli", "check", env=env,
+                                                    stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        out, err = await asyncio.wait_for(proc.communicate(), 30)
+        assert proc.returncode == 0, (out, err)
+        assert expected in out.decode().splitlines()
 
 
 @pytest.mark.cluster

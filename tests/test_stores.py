@@ -22,6 +22,7 @@ from stores import (
     ERROR,
     QUEUED,
     STREAMING,
+    ChunkWrite,
     MemoryStores,
     RedisStores,
     Snapshot,
@@ -360,6 +361,20 @@ async def test_create_replaces_a_session_entirely(stores: AnyStores) -> None:
     assert snap is not None and (snap.content, snap.n) == ("", 0)
 
 
+@pytest.mark.gen_test
+async def test_a_poll_reports_how_long_each_new_chunk_waited(stores: AnyStores) -> None:
+    await stores.streams.create(session(), TTL)
+    await stores.streams.append("s1", "node-a", "一", T0 + 1)
+    await stores.streams.commit([ChunkWrite("s1", "node-a", "二", 1)], T0 + 2)
+    snap = await stores.streams.poll("s1", now=T0 + 5)
+    assert snap is not None and snap.lags == (4.0, 3.0) and snap.unread == 2
+    await stores.streams.finish("s1", "node-a", DONE, "三", {}, T0 + 6)
+    snap = await stores.streams.poll("s1", now=T0 + 6.5)
+    assert snap is not None and snap.lags == (0.5,) and snap.unread == 1  # the earlier chunks were seen
+    snap = await stores.streams.poll("s1", now=T0 + 9)
+    assert snap is not None and snap.lags == () and snap.content == "一二三"
+
+
 # ---------------------------------------------------------------------------- dedupe, conversations
 
 @pytest.mark.gen_test
@@ -597,6 +612,17 @@ async def test_redis_key_layout(redis_stores: RedisStores) -> None:
     assert 1790_000 < await client.pttl(stream) <= 1800_000
     assert 3590_000 < await client.pttl(msgid) <= 3600_000
     assert 7 * 86400_000 - 10_000 < await client.pttl(conv) <= 7 * 86400_000
+
+
+@pytest.mark.gen_test
+async def test_redis_read_flags_record_first_delivery(redis_stores: RedisStores) -> None:
+    await redis_stores.streams.create(session(), TTL)
+    await redis_stores.streams.append("s1", "node-a", "一", T0 + 1)
+    key = Keys().stream("s1")
+    assert await redis_stores.client.hget(key, "r:0") == repr(T0 + 1)  # written, not delivered yet
+    await redis_stores.streams.poll("s1", now=T0 + 3)
+    await redis_stores.streams.poll("s1", now=T0 + 4)
+    assert await redis_stores.client.hget(key, "r:0") == "d" + repr(T0 + 3)  # the first delivery stays
 
 
 @pytest.mark.gen_test
