@@ -49,12 +49,11 @@ async def test_polls_alternating_between_processes_show_a_growing_answer(cluster
     sid = str(first["id"])
     # Poll both processes while Dify is mid-answer: the content is partial and never shrinks.
     seen: list[dict[str, object]] = []
-    while len(seen) < 2000:
+    while not str(seen[-1]["content"] if seen else "").endswith("。第二段 ends here."):
+        assert len(seen) < 2000, f"the whole answer never showed while Dify held message_end: {seen[-1]}"
         stream = await (to_a, to_b)[len(seen) % 2].stream(refresh(sid))
         seen.append(stream)
         assert stream["finish"] is False  # message_end is held back
-        if str(stream["content"]).endswith("。第二段 ends here."):
-            break
         await asyncio.sleep(0.01)
     hold.set()
     seen.extend(await follow([to_b, to_a], sid))
