@@ -249,6 +249,28 @@ async def test_invalidation_reaches_the_other_process(world: World) -> None:
     assert len(world.stub.calls) == 2
 
 
+@pytest.mark.gen_test(timeout=60)
+async def test_a_process_that_resubscribed_drops_its_whole_cache(
+    world: World, redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    service = await world.process()
+    old = await resolver(service, "token")("zhangsan")
+    redis_server.stop(save=True)  # a persistent Redis restarts: invalidations published meanwhile are lost
+    try:
+        await eventually(lambda: "invalidation listener lost Redis" in caplog.text, "the listener notices")
+    finally:
+        redis_server.start()
+    await eventually(lambda: "resubscribed to laibao:auth:invalidate" in caplog.text, "the listener resubscribes")
+    # meanwhile the old token was refused elsewhere and the user signed in again on another process
+    info = {"userid": "zhangsan", "name": "张三", "expires_at": time.time() + 3600}
+    await world.redis.set("authorization:wechatid:zhangsan", "tok-after-the-outage", ex=3600)
+    await world.redis.set("authorization:token:tok-after-the-outage", json.dumps(info), ex=3600)
+    fresh = await resolver(service, "token")("zhangsan")
+    assert (old.token, fresh.token) == (world.stub.issued[0], "tok-after-the-outage")  # not the cached one
+    assert len(world.stub.calls) == 1
+
+
 @pytest.mark.gen_test(timeout=30)
 async def test_invalidating_an_old_token_keeps_a_newer_one(world: World) -> None:
     one, two = await world.process(), await world.process()
