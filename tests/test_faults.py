@@ -160,7 +160,10 @@ async def test_redis_restart_mid_answer(redis_server: RedisServer, redis_url: st
         wecom = WeCom(http, proc.base_url)
         hold = asyncio.Event()
         ending = "——Redis 重启之后的结尾。"
-        dify.push(Script(answer="".join(PARTIAL) + ending, deltas=[*PARTIAL, ending], hold=hold, ping_every=0.2))
+        # Dify goes silent after the partial answer; the ending comes while Redis is down, and its
+        # message_end only once the test saw the relay keep that text
+        dify.push(Script(answer="".join(PARTIAL) + ending, deltas=[*PARTIAL, ending], stall_after=len(PARTIAL),
+                         hold=hold, ping_every=0.2))
         first = await wecom.stream(message("Redis 重启"))
         sid = str(first["id"])
         await wait_for_content(wecom, sid, PARTIAL[-1])
@@ -174,12 +177,13 @@ async def test_redis_restart_mid_answer(redis_server: RedisServer, redis_url: st
             assert time.monotonic() - started < 10  # fast answers, not hangs
             ready = await http.fetch(proc.base_url + "/readyz", raise_error=False)
             assert ready.code == 503 and ready.body.startswith(b"redis: ")
-            hold.set()  # Dify finishes while Redis is down: the relay keeps the end and retries
+            dify.release()  # the ending arrives: its write fails, the relay keeps the text
             kept = "store write failed, text kept for retry"  # the warning the README tells operators to expect
             await eventually(lambda: kept in proc.log(), "the relay keeps the text")
             metrics = (await http.fetch(proc.base_url + "/metrics")).body.decode()
             errors = [line for line in metrics.splitlines() if line.startswith("laibao_store_errors_total ")]
             assert errors and float(errors[0].split()[1]) >= 1, errors
+            hold.set()  # Dify finishes while Redis is down: the final write retries
         finally:
             redis_server.start()
         polls = await follow([wecom], sid, limit=2000, pause=0.1)
