@@ -271,6 +271,9 @@ async def test_stale_timestamps_are_refused(service: Service) -> None:
     assert (await service.wecom.raw(params, body)).code == 401
     echo = CRYPTO.seal_echostr("123", timestamp=stale)
     assert (await service.wecom.raw(echo, None, method="GET")).code == 401
+    for odd in ("¹", "١٧٠٠٠٠٠٠٠٠", "1.7e9", "-5"):  # signed, but not a number of seconds
+        params, body = CRYPTO.seal_callback(message("奇怪的时间戳"), timestamp=odd)
+        assert (await service.wecom.raw(params, body)).code == 400, odd
     assert service.dify.requests == [] and await service.keys() == []
 
 
