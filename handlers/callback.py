@@ -57,7 +57,7 @@ class CallbackHandler(BaseHandler):
 
     def _check_timestamp(self, timestamp: str) -> None:
         """Refuse callbacks stamped far from now: a captured request cannot be replayed days later."""
-        if not timestamp.isdigit():
+        if not (timestamp.isascii() and timestamp.isdigit()):  # "¹" and "١" are digits to str.isdigit
             raise tornado.web.HTTPError(400, "timestamp is not a number")
         skew = abs(time.time() - int(timestamp))
         if skew > self.runtime.config.max_clock_skew:

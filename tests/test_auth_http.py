@@ -20,7 +20,16 @@ from laibao.config import DEFAULT_DENIED
 from stores.users import MySQLUserStore, User
 from tests.authstub import SECRET_KEY, AuthStub
 from tests.difystub import DifyStub
-from tests.harness import Cluster, Service, assert_no_secrets, follow, message, running_cluster, running_service
+from tests.harness import (
+    Cluster,
+    Service,
+    assert_no_secrets,
+    eventually,
+    follow,
+    message,
+    running_cluster,
+    running_service,
+)
 
 SECRET = "zhangsan-secret-6f1c"
 ACCOUNTS = {"E1001": SECRET, "E1002": "lisi-secret-83ad"}
@@ -190,6 +199,7 @@ def token_cluster(
     auth = AuthStub(accounts=ACCOUNTS)
     io_loop.run_sync(auth.start)
     settings = {f"LAIBAO_{k.upper()}": v for k, v in auth_settings(auth, mysql_url, "token").items()}
+    settings["LAIBAO_LOG_LEVEL"] = "DEBUG"  # the tests watch the processes hear invalidations
     try:
         with running_cluster(io_loop, redis_url, tmp_path, **settings) as cluster:
             yield cluster, auth
@@ -213,6 +223,8 @@ async def test_a_token_refused_on_one_process_is_dropped_on_every_process(
     revocable.revoked.add(first)
     await follow([to_b], str((await to_b.stream(message("B 上的第二问")))["id"]))  # 401 on B: drop, sign in: T2
     second = auth.issued[1]
+    # B's invalidation travels to A over Redis pub/sub: A's next message must not race it
+    await eventually(lambda: "dropping the local token of zhangsan" in cluster.a.log(), "A hears B's invalidation")
     polls = await follow([to_a], str((await to_a.stream(message("A 上的第二问")))["id"]))
     assert polls[-1]["content"] == dify.default.answer
     bearers = [c.headers["Authorization"].removeprefix("Bearer ") for c in dify.chat_calls]
