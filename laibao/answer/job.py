@@ -186,8 +186,10 @@ class AnswerJob:
 
     async def _answer(self) -> None:
         session, writer = self.session, self.writer
-        await self._wait_turn()
-        if (await self._flags()).get("stop"):
+        waited = await self._wait_turn()
+        # A /stop reaches the head of the queue only: one that came while this message waited is seen
+        # here; one that comes later is seen once Dify's task id is recorded.
+        if waited and (await self._flags()).get("stop"):
             await writer.finish(DONE, texts.STOPPED_NOTE, {})
             return
         credential = await self.app.credential(session.user)
@@ -215,10 +217,16 @@ class AnswerJob:
         elif rest:
             await self._deliver(rest)
 
-    async def _wait_turn(self) -> None:
-        """Messages of one conversation reach Dify one at a time, in arrival order, across processes."""
+    async def _wait_turn(self) -> bool:
+        """Messages of one conversation reach Dify one at a time, in arrival order, across processes.
+
+        True if the message had to wait for its turn (it was not at the head of its queue at once).
+        """
         bot, scope, sid = self.bot.key, self.session.scope, self.session.sid
-        await retrying(lambda: self.turns.join(bot, scope, sid, self.config.stream_ttl), f"stream {sid} turns")
+        position = await retrying(lambda: self.turns.join(bot, scope, sid, self.config.stream_ttl),
+                                  f"stream {sid} turns")
+        if position == 0:
+            return False  # at the head already: no second round trip to ask
         # Polled, not notified: the message ahead may be relayed by another process.
         checks = 0
         while not await retrying(lambda: self.turns.my_turn(bot, scope, sid), f"stream {sid} turns"):
@@ -226,6 +234,7 @@ class AnswerJob:
             if checks % ABANDONED_CHECK_EVERY == 1:  # at once, then every few seconds
                 await retrying(self._drop_abandoned_head, f"stream {sid} turns")
             await asyncio.sleep(TURN_POLL)
+        return True
 
     async def _drop_abandoned_head(self) -> None:
         """Unblock a conversation whose head died after WeCom stopped polling it (nobody will take it over)."""
