@@ -49,6 +49,7 @@ lint: $(VENV)/.test-installed
 bench: system-deps $(VENV)/.test-installed
 	$(BIN)/python bench/poll.py
 	$(BIN)/python bench/auth.py
+	$(BIN)/python bench/scale.py 600
 
 clean:
 	rm -rf $(VENV) *.egg-info .mypy_cache .ruff_cache .hypothesis

@@ -69,10 +69,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"laibao: config: {problem}", file=sys.stderr)
         return EXIT_USAGE
     if args.command == "serve":
-        from laibao.app import configure_logging, serve
+        from laibao.app import configure_logging, run_serve
 
         configure_logging(config.log_level)
-        asyncio.run(serve(config))
+        run_serve(config)
         return 0
     if args.command == "chat":
         return asyncio.run(_chat(config, args))

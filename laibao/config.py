@@ -78,6 +78,10 @@ class Config:
     dify_idle_timeout: float = 90.0
     dify_total_timeout: float = 1200.0
     http_max_clients: int = 1000
+    redis_pool_size: int = 50  # connections per process; a burst waits for one instead of failing
+    redis_pool_timeout: float = 5.0  # seconds to wait for a free connection before the call fails
+    max_relays: int = 400  # live answers per process; past it a message waits, unowned, for room elsewhere
+    event_loop: str = "uvloop"  # uvloop | asyncio
     lease: float = 15.0
     stream_ttl: float = 1800.0
     msgid_ttl: float = 3600.0
@@ -177,6 +181,10 @@ _GLOBAL_PARSERS: dict[str, Parser] = {
     "dify_idle_timeout": _float,
     "dify_total_timeout": _float,
     "http_max_clients": _int,
+    "redis_pool_size": _int,
+    "redis_pool_timeout": _float,
+    "max_relays": _int,
+    "event_loop": _choice("uvloop", "asyncio"),
     "lease": _float,
     "stream_ttl": _float,
     "msgid_ttl": _float,

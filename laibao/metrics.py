@@ -22,6 +22,10 @@ class Metrics:
         )
         self.active = Gauge("laibao_active_relays", "Answers being relayed from Dify on this process",
                             registry=self.registry)
+        self.max_relays = Gauge("laibao_max_relays", "The cap on live answers per process (LAIBAO_MAX_RELAYS)",
+                                registry=self.registry)
+        self.cap_hits = Counter("laibao_relay_cap_hits", "Messages and takeovers left to another process because "
+                                "this one was at LAIBAO_MAX_RELAYS", registry=self.registry)
         self.first_content = Histogram(
             "laibao_first_content_seconds", "From the relay's start to the first answer text in the store",
             buckets=_FIRST_CONTENT_BUCKETS, registry=self.registry,

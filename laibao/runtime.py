@@ -7,13 +7,16 @@ from dataclasses import dataclass
 
 from tornado.httpclient import AsyncHTTPClient
 
+from laibao.answer.difyapp import DifyApp
+from laibao.answer.job import Answers, WeComFiles
+from laibao.answer.tasks import AnswerTasks
+from laibao.answer.writer import Flusher
 from laibao.auth import AuthService
 from laibao.config import BotConfig, Config
 from laibao.crypto import WeComCrypto
 from laibao.dify import DifyClient
 from laibao.errors import StoreError
 from laibao.metrics import Metrics
-from laibao.relay import BotDeps, RelayTasks
 from laibao.service import BotService
 from stores import Stores, open_stores
 from stores.media_store import MediaHold, MemoryMediaHold, RedisMediaHold
@@ -41,14 +44,18 @@ class Runtime:
         self.config = config
         self.stores = stores
         self.http = http
-        self.tasks = RelayTasks()
+        self.tasks = AnswerTasks(config.max_relays)
         self.metrics = Metrics()
+        self.metrics.max_relays.set(config.max_relays)
+        # One writer for the answer text of every stream on this process (group commit per tick).
+        self.flusher = Flusher(stores.streams, config.flush_interval, config.flush_bytes)
         turns: Turns
         media: MediaHold
         if isinstance(stores, RedisStores):
             turns, media = RedisTurns(stores.client), RedisMediaHold(stores.client)
         else:
             turns, media = MemoryTurns(session_status(stores.streams)), MemoryMediaHold()
+        self.turns = turns
         # The user store and token cache are only opened when a bot checks who may talk to it.
         self.auth: AuthService | None = None
         if any(bot.auth != "open" for bot in config.bots):
@@ -66,17 +73,23 @@ class Runtime:
                 total_timeout=config.dify_total_timeout,
             )
             crypto = WeComCrypto(bot.token, bot.aes_key, bot.receive_id)
-            deps = BotDeps(bot=bot, stores=stores, turns=turns, media=media, dify=dify, http=http, crypto=crypto,
-                           config=config, tasks=self.tasks, metrics=self.metrics,
-                           auth=self.auth if bot.auth != "open" else None)
-            self.bots[bot.name] = BotRuntime(bot, crypto, BotService(deps))
+            app = DifyApp(bot, dify, self.auth if bot.auth != "open" else None)
+            files = WeComFiles(http, crypto, config.media_max_bytes, config.response_url_retries)
+            answers = Answers(bot=bot, app=app, streams=stores.streams, conversations=stores.conversations,
+                              turns=turns.turns, inflight=turns.inflight, files=files, flusher=self.flusher,
+                              tasks=self.tasks, metrics=self.metrics, config=config)
+            service = BotService(bot=bot, config=config, app=app, answers=answers, stores=stores, turns=turns.turns,
+                                 inflight=turns.inflight, media=media, tasks=self.tasks, metrics=self.metrics)
+            self.bots[bot.name] = BotRuntime(bot, crypto, service)
 
     @classmethod
     def build(cls, config: Config) -> Runtime:
         """Open the stores and the shared HTTP client (must run inside the event loop)."""
         # Each live answer holds one HTTP connection to Dify: the default of 10 would queue answers.
         http = AsyncHTTPClient(force_instance=True, max_clients=config.http_max_clients)
-        return cls(config, open_stores(config.redis_url or None), http)
+        stores = open_stores(config.redis_url or None, pool_size=config.redis_pool_size,
+                             pool_timeout=config.redis_pool_timeout)
+        return cls(config, stores, http)
 
     async def start(self) -> None:
         """Start background listeners (token invalidations from other processes)."""
@@ -109,6 +122,7 @@ class Runtime:
         cancelled = await self.tasks.drain(grace)
         if cancelled:
             log.warning("%d relays were still running at shutdown", cancelled)
+        await self.flusher.close()
         if self.auth is not None:
             await self.auth.close()
         await self.stores.close()

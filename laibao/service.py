@@ -9,19 +9,27 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from cachetools import LRUCache
 
 from laibao import texts
+from laibao.answer.difyapp import DifyApp
+from laibao.answer.job import Answers
+from laibao.answer.render import new_id, render_answer
+from laibao.answer.tasks import AnswerTasks
 from laibao.auth import AuthUnavailable, NotAuthorized
-from laibao.commands import HELP, NEW, STOP, help_text, read_message
+from laibao.commands import HELP, NEW, STOP, Inbound, help_text, read_message
+from laibao.config import BotConfig, Config
 from laibao.dify import DifyClient
 from laibao.errors import DifyError, LaibaoError, StoreError
-from laibao.relay import BotDeps, Relay, new_id, render_answer
+from laibao.metrics import Metrics
 from laibao.wecom import Callback, stream_reply, text_reply
-from stores.base import DONE, Snapshot, StreamSession
+from stores.base import DONE, Snapshot, Stores, StreamSession
+from stores.media_store import MediaHold
+from stores.turns_store import InFlight, TurnQueue
 
 log = logging.getLogger("laibao.service")
 
@@ -35,17 +43,29 @@ REASONS = {1: "答非所问", 2: "回答不完整", 3: "回答有误", 4: "数�
 class BotService:
     """Everything one bot does with a callback."""
 
-    def __init__(self, deps: BotDeps) -> None:
-        self.deps = deps
-        self.bot = deps.bot
-        self.relay = Relay(deps)
+    def __init__(self, *, bot: BotConfig, config: Config, app: DifyApp, answers: Answers, stores: Stores,
+                 turns: TurnQueue, inflight: InFlight, media: MediaHold, tasks: AnswerTasks, metrics: Metrics,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.bot = bot
+        self.config = config
+        self.app = app
+        self.answers = answers
+        self.streams = stores.streams
+        self.dedupe = stores.dedupe
+        self.conversations = stores.conversations
+        self.turns = turns
+        self.inflight = inflight
+        self.media = media
+        self.tasks = tasks
+        self.metrics = metrics
+        self.clock = clock
         # The last content each stream showed, so a poll during a store outage never shows less.
         self._shown: LRUCache[str, str] = LRUCache(maxsize=SHOWN_CACHE_SIZE)
 
     @property
     def dify(self) -> DifyClient:
         """The bot's Dify client."""
-        return self.deps.dify
+        return self.app.client
 
     async def on_callback(self, callback: Callback) -> dict[str, Any] | None:
         """The plaintext reply to one callback, or None for an empty HTTP 200."""
@@ -57,7 +77,7 @@ class BotService:
             if callback.msgtype == "event":
                 return await self.on_event(callback)
         except StoreError as exc:
-            self.deps.metrics.store_errors.inc()
+            self.metrics.store_errors.inc()
             log.error("bot %s: store unavailable while handling %s: %s", self.bot.key, callback.msgtype, exc)
             if callback.msgtype == "stream":
                 # Keep WeCom polling with what it already showed: the answer may still arrive.
@@ -69,49 +89,59 @@ class BotService:
         return stream_reply(new_id(), texts.UNSUPPORTED, finish=True)
 
     async def accept(self, callback: Callback) -> dict[str, Any]:
-        """Record a new message, start its relay and return the first stream reply, without waiting on Dify."""
-        deps = self.deps
+        """Record a new message, start its answer and return the first stream reply, without waiting on Dify."""
         sid = new_id()
         inbound = read_message(callback, self.bot)
         if not inbound.text and not inbound.media:
             return stream_reply(sid, texts.EMPTY, finish=True)
-        winner = await deps.stores.dedupe.claim(self.bot.key, callback.msgid, sid, deps.config.msgid_ttl)
+        winner = await self.dedupe.claim(self.bot.key, callback.msgid, sid, self.config.msgid_ttl)
         if winner != sid:
             # WeCom delivered the callback again (maybe to another process): same stream, no second Dify call.
             log.info("bot %s: duplicate msgid, stream %s", self.bot.key, winner)
             return await self.refresh(winner, duplicate=True)
-        scope = deps.scope_of(callback.userid, callback.chatid)
-        if inbound.command:
-            return await self._closed(sid, callback, await self.command(inbound.command, callback, scope))
-        if deps.auth is not None:
+        try:
+            return await self._accept_claimed(sid, callback, inbound)
+        except StoreError:
+            # Nothing answers this message: free its msgid, so WeCom's redelivery gets a real answer
+            # instead of a stream id that leads nowhere.
+            try:
+                await self.dedupe.unclaim(self.bot.key, callback.msgid, sid)
+            except StoreError as exc:
+                log.error("bot %s: could not free the msgid of a message that failed: %s", self.bot.key, exc)
+            raise
+
+    async def _accept_claimed(self, sid: str, callback: Callback, inbound: Inbound) -> dict[str, Any]:
+        text, media_in, command = inbound.text, inbound.media, inbound.command
+        scope = self.app.scope_of(callback.userid, callback.chatid)
+        if command:
+            return await self._closed(sid, callback, await self.command(command, callback, scope))
+        if self.app.auth is not None:
             # Known staff only: refuse before anything is sent to Dify.
             try:
-                await deps.auth.resolve(self.bot, callback.userid)
+                await self.app.auth.resolve(self.bot, callback.userid)
             except NotAuthorized:
                 return await self._closed(sid, callback, self.bot.denied_text)
             except AuthUnavailable:
                 return await self._closed(sid, callback, texts.SIGN_IN_FAILED)
-        if not inbound.text:
+        if not text:
             # Media alone waits for the user's next text (WeCom's URLs stay valid for 5 minutes).
-            hold = min(deps.config.media_hold_seconds, 290.0)
-            for item in inbound.media:
-                await deps.media.add(self.bot.key, scope, item, hold)
+            hold = min(self.config.media_hold_seconds, 290.0)
+            for item in media_in:
+                await self.media.add(self.bot.key, scope, item, hold)
             return await self._closed(sid, callback, texts.MEDIA_HELD)
-        media = [*await deps.media.take(self.bot.key, scope), *inbound.media]
-        session = self._session(sid, callback, scope, inbound.text,
-                                {"media": json.dumps(media)} if media else {})
-        await deps.stores.streams.create(session, deps.config.stream_ttl)
-        if not await deps.turns.inflight.acquire(self.bot.key, callback.userid, sid, MAX_IN_FLIGHT,
-                                                 deps.config.stream_window, session.created):
-            await deps.stores.streams.finish(sid, session.owner, DONE, texts.TOO_MANY, {}, session.created)
+        media = [*await self.media.take(self.bot.key, scope), *media_in]
+        session = self._session(sid, callback, scope, text, {"media": json.dumps(media)} if media else {})
+        await self.streams.create(session, self.config.stream_ttl)
+        if not await self.inflight.acquire(self.bot.key, callback.userid, sid, MAX_IN_FLIGHT,
+                                           self.config.stream_window, session.created):
+            await self.streams.finish(sid, session.owner, DONE, texts.TOO_MANY, {}, session.created)
             return stream_reply(sid, texts.TOO_MANY, finish=True)
-        if deps.tasks.draining:
-            # Shutting down: leave it unowned, so the first poll on another process takes it at once.
-            await deps.stores.streams.release(sid, session.owner)
-        else:
-            deps.tasks.spawn(self.relay.run(session), name=f"relay-{sid}")
-        if deps.config.log_content:
-            log.info("bot %s: stream %s for %s: %s", self.bot.key, sid, callback.userid, inbound.text)
+        if not self.answers.start(session):
+            # Draining or at LAIBAO_MAX_RELAYS: leave it unowned, so the first poll on a process with
+            # room takes it at once. A failure here rolls the claim back (the session stays orphaned).
+            await self.streams.release(sid, session.owner)
+        if self.config.log_content:
+            log.info("bot %s: stream %s for %s: %s", self.bot.key, sid, callback.userid, text)
         else:
             log.info("bot %s: stream %s started for a %s chat", self.bot.key, sid, callback.chattype)
         return stream_reply(sid, self.bot.placeholder, finish=False, feedback_id=sid)
@@ -119,66 +149,64 @@ class BotService:
     def _session(self, sid: str, callback: Callback, scope: str, query: str,
                  extra: Mapping[str, str]) -> StreamSession:
         """A new session owned by this process, inside WeCom's polling window from now."""
-        now = self.deps.clock()
+        now = self.clock()
         return StreamSession(sid=sid, bot=self.bot.key, user=callback.userid, chat=callback.chatid, query=query,
-                             scope=scope, response_url=callback.response_url, owner=self.deps.config.node,
-                             created=now, deadline=now + self.deps.config.stream_window, heartbeat=now, extra=extra)
+                             scope=scope, response_url=callback.response_url, owner=self.config.node,
+                             created=now, deadline=now + self.config.stream_window, heartbeat=now, extra=extra)
 
     async def _closed(self, sid: str, callback: Callback, text: str) -> dict[str, Any]:
         """Reply ``text`` and finish at once, recorded so a redelivery of the callback gets the same reply."""
         session = self._session(sid, callback, "", "", {})
-        await self.deps.stores.streams.create(session, self.deps.config.msgid_ttl)
-        await self.deps.stores.streams.finish(sid, session.owner, DONE, text, {}, session.created)
+        await self.streams.create(session, self.config.msgid_ttl)
+        await self.streams.finish(sid, session.owner, DONE, text, {}, session.created)
         return stream_reply(sid, text, finish=True)
 
     async def command(self, command: str, callback: Callback, scope: str) -> str:
         """Carry out /new, /stop or /help; the short reply text."""
-        deps = self.deps
         if command == HELP:
             return help_text(self.bot)
         if command == NEW:
-            conversation_id = await deps.stores.conversations.get(self.bot.key, scope)
-            await deps.stores.conversations.delete(self.bot.key, scope)
+            conversation_id = await self.conversations.get(self.bot.key, scope)
+            await self.conversations.delete(self.bot.key, scope)
             if conversation_id:
-                user = deps.dify_user(callback.userid, callback.chatid)
-                deps.tasks.spawn(self._forget(conversation_id, user), name=f"forget-{conversation_id}")
+                user = self.app.dify_user(callback.userid, callback.chatid)
+                self.tasks.spawn(self._forget(conversation_id, user), name=f"forget-{conversation_id}")
             return texts.NEW_CONVERSATION
         assert command == STOP
-        sid = await deps.turns.turns.head(self.bot.key, scope)
-        session = await deps.stores.streams.get(sid) if sid else None
+        sid = await self.turns.head(self.bot.key, scope)
+        session = await self.streams.get(sid) if sid else None
         if session is None or session.status not in ("queued", "streaming"):
             return texts.NOTHING_TO_STOP
-        await deps.stores.streams.annotate(session.sid, {"stop": "1"})
+        await self.streams.annotate(session.sid, {"stop": "1"})
         if session.task_id:
-            deps.tasks.spawn(self._stop(session), name=f"stop-{session.sid}")
+            self.tasks.spawn(self._stop(session), name=f"stop-{session.sid}")
         return texts.STOPPED
 
     async def _stop(self, session: StreamSession) -> None:
         """Ask Dify to stop generating; its stream then ends normally with what was generated."""
         try:
-            bearer = await self.deps.bearer(session.user)
+            bearer = await self.app.bearer(session.user)
             mode = session.extra.get("mode", "chat")
-            await self.deps.dify.stop(session.task_id, self.deps.dify_user(session.user, session.chat), mode, bearer)
+            await self.dify.stop(session.task_id, self.app.dify_user(session.user, session.chat), mode, bearer)
         except LaibaoError as exc:
             log.warning("stream %s: Dify stop failed: %s", session.sid, exc)
 
     async def _forget(self, conversation_id: str, user: str) -> None:
         try:
-            await self.deps.dify.delete_conversation(conversation_id, user)
+            await self.dify.delete_conversation(conversation_id, user)
         except DifyError as exc:
             log.info("could not delete a Dify conversation (it is forgotten here anyway): %s", exc)
 
     async def refresh(self, sid: str, duplicate: bool = False) -> dict[str, Any]:
         """Answer a refresh poll with the cumulative snapshot; finish once the final content is in it."""
-        deps = self.deps
-        snapshot = await deps.stores.streams.poll(sid, self.bot.key)
+        snapshot = await self.streams.poll(sid, self.bot.key)
         if snapshot is None:
             if duplicate:
                 # The first delivery is being set up on another process right now.
                 return stream_reply(sid, self.bot.placeholder, finish=False)
             return stream_reply(sid, texts.EXPIRED, finish=True)
-        if not snapshot.finished and not deps.tasks.draining and self._orphaned(snapshot):
-            await self._take_over(sid, snapshot.owner)
+        if not snapshot.finished and self._orphaned(snapshot):
+            await self.answers.take_over(sid, snapshot.owner)
         content = self.render(snapshot)
         self._remember(sid, content, snapshot.finished)
         reply = stream_reply(sid, content, finish=snapshot.finished)
@@ -198,19 +226,7 @@ class BotService:
             self._shown[sid] = content
 
     def _orphaned(self, snapshot: Snapshot) -> bool:
-        return snapshot.owner == "" or self.deps.clock() - snapshot.heartbeat > self.deps.config.lease
-
-    async def _take_over(self, sid: str, previous_owner: str) -> None:
-        """Adopt a session whose relay died (stale heartbeat) or was released; one process wins."""
-        deps = self.deps
-        if not await deps.stores.streams.take_over(sid, deps.config.node, deps.clock(), deps.config.lease):
-            return
-        session = await deps.stores.streams.get(sid)
-        if session is None:
-            return
-        deps.metrics.takeovers.labels(self.bot.key).inc()
-        log.warning("bot %s: took over stream %s from %s", self.bot.key, sid, previous_owner or "(released)")
-        deps.tasks.spawn(self.relay.run(session, takeover=True), name=f"relay-{sid}")
+        return snapshot.owner == "" or self.clock() - snapshot.heartbeat > self.config.lease
 
     async def on_event(self, callback: Callback) -> dict[str, Any] | None:
         """enter_chat gets a welcome; feedback goes to Dify in the background; other events get nothing."""
@@ -220,7 +236,7 @@ class BotService:
             event = callback.raw.get("event")
             feedback = event.get("feedback_event") if isinstance(event, Mapping) else None
             if isinstance(feedback, Mapping):
-                self.deps.tasks.spawn(self._feedback(feedback), name="feedback")
+                self.tasks.spawn(self._feedback(feedback), name="feedback")
         return None
 
     async def welcome(self) -> str:
@@ -228,7 +244,7 @@ class BotService:
         if self.bot.welcome:
             return self.bot.welcome
         try:
-            parameters = await asyncio.wait_for(self.relay.parameters(), WELCOME_TIMEOUT)
+            parameters = await asyncio.wait_for(self.app.parameters(), WELCOME_TIMEOUT)
         except (DifyError, TimeoutError) as exc:
             log.info("bot %s: no opening statement from Dify: %s", self.bot.key, exc)
             return texts.WELCOME
@@ -245,7 +261,7 @@ class BotService:
         sid = feedback.get("id")
         kind = feedback.get("type")
         try:
-            session = await self.deps.stores.streams.get(sid) if isinstance(sid, str) else None
+            session = await self.streams.get(sid) if isinstance(sid, str) else None
             if session is None or not session.message_id:
                 log.info("feedback for an unknown or unfinished stream ignored")
                 return
@@ -253,8 +269,8 @@ class BotService:
             reasons = [REASONS[r] for r in feedback.get("inaccurate_reason_list") or [] if r in REASONS]
             text = str(feedback.get("content") or "").strip()
             content = "；".join([*reasons, text] if text else reasons) if rating == "dislike" else ""
-            bearer = await self.deps.bearer(session.user)
-            user = self.deps.dify_user(session.user, session.chat)
-            await self.deps.dify.feedback(session.message_id, rating, user, content, bearer)
+            bearer = await self.app.bearer(session.user)
+            user = self.app.dify_user(session.user, session.chat)
+            await self.dify.feedback(session.message_id, rating, user, content, bearer)
         except LaibaoError as exc:
             log.warning("feedback not forwarded to Dify: %s", exc)

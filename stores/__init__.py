@@ -9,6 +9,7 @@ from stores.base import (
     QUEUED,
     STREAMING,
     TERMINAL,
+    ChunkWrite,
     ConversationStore,
     DedupeStore,
     Snapshot,
@@ -26,6 +27,7 @@ __all__ = [
     "QUEUED",
     "STREAMING",
     "TERMINAL",
+    "ChunkWrite",
     "ConversationStore",
     "DedupeStore",
     "MemoryStores",
@@ -38,8 +40,8 @@ __all__ = [
 ]
 
 
-def open_stores(redis_url: str | None) -> Stores:
-    """Redis stores for ``redis_url``, or in-process stores when it is None or empty."""
+def open_stores(redis_url: str | None, *, pool_size: int = 50, pool_timeout: float = 5.0) -> Stores:
+    """Redis stores for ``redis_url`` (a pool of ``pool_size``), or in-process stores when it is None or empty."""
     if not redis_url:
         return MemoryStores()
-    return RedisStores(redis_url)
+    return RedisStores(redis_url, pool_size=pool_size, pool_timeout=pool_timeout)

@@ -7,7 +7,7 @@ Protocols behaves the same on either.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -40,6 +40,17 @@ class StreamSession:
     task_id: str = ""
     n: int = 0  # chunk count
     extra: Mapping[str, str] = field(default_factory=dict)  # any other fields (stored as "x:{name}")
+
+
+@dataclass(frozen=True)
+class ChunkWrite:
+    """One stream's pending answer text in a batch commit: appended as chunk ``index``, or replacing all."""
+
+    sid: str
+    owner: str
+    text: str
+    index: int = 0  # the chunk index the writer expects (ignored by a replace)
+    replace: bool = False
 
 
 @dataclass(frozen=True)
@@ -81,6 +92,14 @@ class StreamStore(Protocol):
         """Make ``text`` the whole content (one unread chunk); same guards as ``append``."""
         ...
 
+    async def commit(self, writes: Sequence[ChunkWrite], now: float) -> list[bool]:
+        """Apply the appends and replaces of many sessions at once (one round trip); a result per write.
+
+        An append whose ``index`` the session's chunk count already passed is not applied again (it
+        landed before a retry), and a retried ``finish`` of the same owner and status reports True.
+        """
+        ...
+
     async def finish(
         self, sid: str, owner: str, status: str, text: str, fields: Mapping[str, str], now: float
     ) -> bool:
@@ -114,6 +133,10 @@ class DedupeStore(Protocol):
 
     async def claim(self, bot: str, msgid: str, sid: str, ttl: float) -> str:
         """Store ``sid`` for the message if none is stored; return the stream id now stored."""
+        ...
+
+    async def unclaim(self, bot: str, msgid: str, sid: str) -> bool:
+        """Drop the claim if ``sid`` holds it (its session could not be recorded); True if dropped."""
         ...
 
 

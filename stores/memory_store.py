@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import heapq
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
@@ -21,6 +21,7 @@ from stores.base import (
     QUEUED,
     STREAMING,
     TERMINAL,
+    ChunkWrite,
     Snapshot,
     StreamSession,
 )
@@ -189,11 +190,26 @@ class MemoryStreamStore:
             extra=dict(s.extra),
         )
 
-    async def append(self, sid: str, owner: str, text: str, now: float) -> bool:
-        """Add one chunk, mark the session streaming; False (no change) if missing, not owned or over."""
+    async def commit(self, writes: Sequence[ChunkWrite], now: float) -> list[bool]:
+        """Apply appends and replaces of many sessions; one result each (as the Redis pipeline)."""
+        results = []
+        for write in writes:
+            if write.replace:
+                results.append(await self.replace(write.sid, write.owner, write.text, now))
+            else:
+                results.append(await self.append(write.sid, write.owner, write.text, now, write.index))
+        return results
+
+    async def append(self, sid: str, owner: str, text: str, now: float, index: int | None = None) -> bool:
+        """Add one chunk, mark the session streaming; False (no change) if missing, not owned or over.
+
+        With ``index``, a chunk count already past it means this write landed before: nothing is added.
+        """
         s = self._owned(sid, owner)
         if s is None:
             return False
+        if index is not None and index < len(s.chunks):
+            return True
         s.chunks.append(text)
         s.read.append(False)
         s.status = STREAMING
@@ -219,6 +235,9 @@ class MemoryStreamStore:
         """Atomically add a last chunk (if any), set DONE/ERROR and ``fields``; same guards as ``append``."""
         if status not in TERMINAL:
             raise ValueError(f"finish needs {DONE!r} or {ERROR!r}, not {status!r}")
+        done = self._sessions.get(sid)
+        if done is not None and owner and done.owner == owner and done.status == status:
+            return True  # a retried finish of this owner's, as in Redis
         s = self._owned(sid, owner)
         if s is None:
             return False
@@ -319,6 +338,14 @@ class MemoryDedupeStore:
             return current
         self._claims.put(key, sid, ttl)
         return sid
+
+    async def unclaim(self, bot: str, msgid: str, sid: str) -> bool:
+        """Forget the message's claim if ``sid`` holds it, so a redelivery starts afresh."""
+        key = f"{bot}:{msgid}"
+        if self._claims.get(key) != sid:
+            return False
+        self._claims.pop(key)
+        return True
 
 
 class MemoryConversationStore:

@@ -26,7 +26,7 @@ from redis.exceptions import RedisError
 from redis.typing import EncodableT, FieldT
 
 from laibao.errors import StoreError
-from stores.base import DIFY_FIELDS, DONE, ERROR, TERMINAL, Snapshot, StreamSession
+from stores.base import DIFY_FIELDS, DONE, ERROR, TERMINAL, ChunkWrite, Snapshot, StreamSession
 
 # ---------------------------------------------------------------------------------------------------
 # Lua scripts. Times travel as Python float reprs and are stored verbatim, so both implementations
@@ -51,12 +51,16 @@ end
 APPEND_LUA = (
     """
 -- KEYS[1] stream key
--- ARGV[1] owner, ARGV[2] chunk text, ARGV[3] now
--- returns 1 if the chunk was added, 0 if missing / not owned / terminal
+-- ARGV[1] owner, ARGV[2] chunk text, ARGV[3] now, ARGV[4] (optional) the index the chunk must get
+-- returns 1 if the chunk was added (or, with ARGV[4], already was: a retried write is not doubled),
+-- 0 if missing / not owned / terminal
 """
     + _OWNED_PRELUDE
     + """
 local n = tonumber(h[3]) or 0
+local want = tonumber(ARGV[4] or '')
+-- the owner is the only writer, so a count already past the index means this very write landed
+if want and want < n then return 1 end
 redis.call('HSET', KEYS[1], 'c:' .. n, ARGV[2], 'r:' .. n, '0', 'n', n + 1,
            'status', 'streaming', 'heartbeat', ARGV[3])
 refresh()
@@ -95,7 +99,12 @@ FINISH_LUA = (
 -- KEYS[1] stream key
 -- ARGV[1] owner, ARGV[2] final status, ARGV[3] last chunk ('' for none), ARGV[4] now,
 -- ARGV[5..] field name / value pairs to set
--- returns 1 if the session was finished, 0 if missing / not owned / terminal
+-- returns 1 if the session was finished (or ARGV[1] already finished it with this status: a retried
+-- finish is not an ownership loss), 0 if missing / not owned / terminal
+"""
+    + """
+local done = redis.call('HMGET', KEYS[1], 'status', 'owner')
+if done[1] == ARGV[2] and ARGV[1] ~= '' and done[2] == ARGV[1] then return 1 end
 """
     + _OWNED_PRELUDE
     + """
@@ -146,6 +155,45 @@ refresh()
 return 1
 """
 )
+
+COMMIT_LUA = """
+-- KEYS[1..n] stream keys, one per write
+-- ARGV[1] now; then per write i, from ARGV[2 + 4 * (i - 1)]: owner, text, chunk index, mode ('a' append, 'r' replace)
+-- returns {r1, ..., rn}: 1 if write i was applied (an append whose index the count already passed
+-- landed before a retry and is not applied again), 0 if its session is missing / not owned / terminal
+local out = {}
+for i = 1, #KEYS do
+  local key = KEYS[i]
+  local base = 2 + 4 * (i - 1)
+  local owner, text, want, mode = ARGV[base], ARGV[base + 1], tonumber(ARGV[base + 2]), ARGV[base + 3]
+  local h = redis.call('HMGET', key, 'status', 'owner', 'n', 'ttl')
+  local ok = 0
+  if h[1] and h[1] ~= 'done' and h[1] ~= 'error' and owner ~= '' and h[2] == owner then
+    local n = tonumber(h[3]) or 0
+    ok = 1
+    if mode == 'r' then
+      local names = {}
+      for k = 1, n - 1 do
+        names[#names + 1] = 'c:' .. k
+        names[#names + 1] = 'r:' .. k
+        if #names >= 1000 then
+          redis.call('HDEL', key, unpack(names))
+          names = {}
+        end
+      end
+      if #names > 0 then redis.call('HDEL', key, unpack(names)) end
+      redis.call('HSET', key, 'c:0', text, 'r:0', '0', 'n', 1, 'status', 'streaming', 'heartbeat', ARGV[1])
+    elseif not (want < n) then
+      redis.call('HSET', key, 'c:' .. n, text, 'r:' .. n, '0', 'n', n + 1, 'status', 'streaming',
+                 'heartbeat', ARGV[1])
+    end
+    local ttl = tonumber(h[4])
+    if ttl and ttl > 0 then redis.call('PEXPIRE', key, math.max(1, math.floor(ttl * 1000 + 0.5))) end
+  end
+  out[i] = ok
+end
+return out
+"""
 
 TAKE_OVER_LUA = """
 -- KEYS[1] stream key
@@ -234,6 +282,14 @@ end
 return out
 """
 
+UNCLAIM_LUA = """
+-- KEYS[1] msgid key
+-- ARGV[1] stream id
+-- returns 1 if the key held ARGV[1] and was deleted, else 0 (another claim stands)
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
 CLAIM_LUA = """
 -- KEYS[1] msgid key
 -- ARGV[1] stream id, ARGV[2] ttl in milliseconds
@@ -244,6 +300,10 @@ if cur then return cur end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 return ARGV[1]
 """
+
+# Writes per COMMIT_LUA call: a script blocks Redis while it runs, so a huge batch goes as several
+# calls in one pipeline (still one round trip).
+COMMIT_GROUP = 200
 
 # The session fields stored under their own names (sid is in the key, extras under "x:").
 _TEXT_FIELDS = ("bot", "user", "chat", "query", "scope", "response_url", "owner", "status",
@@ -284,6 +344,7 @@ class RedisStreamStore:
         self._heartbeat = client.register_script(HEARTBEAT_LUA)
         self._release = client.register_script(RELEASE_LUA)
         self._take_over = client.register_script(TAKE_OVER_LUA)
+        self._commit = client.register_script(COMMIT_LUA)
         self._poll = client.register_script(POLL_LUA)
         self._get = client.register_script(GET_LUA)
         self._annotate = client.register_script(ANNOTATE_LUA)
@@ -341,6 +402,33 @@ class RedisStreamStore:
         """Add one chunk, mark the session streaming; False (no change) if missing, not owned or over."""
         with redis_errors("append"):
             return bool(await self._append(keys=[self.key(sid)], args=[owner, text, repr(float(now))]))
+
+    async def commit(self, writes: Sequence[ChunkWrite], now: float) -> list[bool]:
+        """Apply appends and replaces of many sessions in one script call; one result each.
+
+        One round trip and one command for the whole batch, whatever its size. Each append carries
+        the chunk index its writer expects, so a batch retried after a timeout (it may have run) adds
+        nothing twice; a replace is idempotent anyway.
+        """
+        if not writes:
+            return []
+        stamp = repr(float(now))
+        groups = [writes[i:i + COMMIT_GROUP] for i in range(0, len(writes), COMMIT_GROUP)]
+        with redis_errors("commit"):
+            if len(groups) == 1:
+                replies = [await self._commit_call(groups[0], stamp, self._client)]
+            else:
+                async with self._client.pipeline(transaction=False) as pipe:
+                    for group in groups:
+                        await self._commit_call(group, stamp, pipe)
+                    replies = await pipe.execute()
+        return [bool(result) for reply in replies for result in reply]
+
+    async def _commit_call(self, group: Sequence[ChunkWrite], stamp: str, client: Any) -> Any:
+        args: list[EncodableT] = [stamp]
+        for write in group:
+            args += [write.owner, write.text, write.index, "r" if write.replace else "a"]
+        return await self._commit(keys=[self.key(write.sid) for write in group], args=args, client=client)
 
     async def replace(self, sid: str, owner: str, text: str, now: float) -> bool:
         """Make ``text`` the whole content (one unread chunk); same guards as ``append``."""
@@ -416,12 +504,21 @@ class RedisDedupeStore:
     def __init__(self, client: aioredis.Redis, prefix: str) -> None:
         self._prefix = prefix
         self._claim = client.register_script(CLAIM_LUA)
+        self._unclaim = client.register_script(UNCLAIM_LUA)
+
+    def _key(self, bot: str, msgid: str) -> str:
+        return f"{self._prefix}:msgid:{bot}:{msgid}"
 
     async def claim(self, bot: str, msgid: str, sid: str, ttl: float) -> str:
         """Store ``sid`` for the message if none is stored; return the stream id now stored."""
         px = ttl_ms(ttl)
         with redis_errors("claim"):
-            return str(await self._claim(keys=[f"{self._prefix}:msgid:{bot}:{msgid}"], args=[sid, px]))
+            return str(await self._claim(keys=[self._key(bot, msgid)], args=[sid, px]))
+
+    async def unclaim(self, bot: str, msgid: str, sid: str) -> bool:
+        """Forget the message's claim if ``sid`` holds it, so a redelivery starts afresh."""
+        with redis_errors("unclaim"):
+            return bool(await self._unclaim(keys=[self._key(bot, msgid)], args=[sid]))
 
 
 class RedisConversationStore:
@@ -463,6 +560,8 @@ class RedisStores:
         prefix: str = "laibao",
         connect_timeout: float = 2.0,
         timeout: float = 5.0,
+        pool_size: int = 50,
+        pool_timeout: float = 5.0,
     ) -> None:
         # One quick retry, on connection errors only: it covers a pooled socket the server closed
         # (restart, idle timeout). A timeout is not retried: the script may have run, and running
@@ -470,8 +569,12 @@ class RedisStores:
         # relay for seconds while Redis is down instead of failing it with a clear message.
         retry = Retry(ExponentialWithJitterBackoff(base=0.05, cap=0.5), retries=1,
                       supported_errors=(RedisConnectionError,))
-        self.client: aioredis.Redis = aioredis.Redis.from_url(
+        # A burst waits (up to pool_timeout) for a free connection instead of failing at once, as the
+        # default pool does past its size: a busy Redis makes answers slower, never refused.
+        pool = aioredis.BlockingConnectionPool.from_url(
             url,
+            max_connections=pool_size,
+            timeout=pool_timeout,
             decode_responses=True,
             # any Python str round-trips, as in the memory store (JSON may carry a lone surrogate)
             encoding_errors="surrogatepass",
@@ -480,6 +583,7 @@ class RedisStores:
             health_check_interval=30,
             retry=retry,
         )
+        self.client: aioredis.Redis = aioredis.Redis.from_pool(pool)
         self.streams = RedisStreamStore(self.client, prefix)
         self.dedupe = RedisDedupeStore(self.client, prefix)
         self.conversations = RedisConversationStore(self.client, prefix)

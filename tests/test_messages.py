@@ -413,15 +413,15 @@ async def test_several_bots_keep_their_state_apart(two_bots: Service) -> None:
 
 @pytest.mark.gen_test(timeout=30)
 async def test_a_conversation_is_not_blocked_by_a_head_abandoned_after_the_window(svc: Service) -> None:
-    deps = svc.runtime.bots[""].service.deps
+    streams, turns = svc.runtime.stores.streams, svc.runtime.turns.turns
     long_ago = time.time() - 3600
     dead = StreamSession(sid="dead", bot="default", user="zhangsan", scope="zhangsan", owner="gone-node",
                          created=long_ago, deadline=long_ago + 360, heartbeat=long_ago + 10, status="streaming")
-    await deps.stores.streams.create(dead, 1800)
-    await deps.turns.turns.join("default", "zhangsan", "dead", 1800)
+    await streams.create(dead, 1800)
+    await turns.join("default", "zhangsan", "dead", 1800)
     polls = await answer(svc, message("前面那条早就没人管了"))
     assert polls[-1]["content"] == Script().answer
-    assert await deps.turns.turns.position("default", "zhangsan", "dead") is None
+    assert await turns.position("default", "zhangsan", "dead") is None
 
 
 @pytest.mark.gen_test(timeout=30)

@@ -1,0 +1,437 @@
+"""One message's answer: wait for its turn, ask Dify, stream the answer into the store.
+
+``Answers`` (one per bot) starts a job for each new message this process may take, up to the
+process's cap, and takes over sessions whose owner died, was draining or was full. An ``AnswerJob``
+lives as long as its message; it keeps running when the HTTP request that started it is gone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from tornado.httpclient import AsyncHTTPClient
+
+from laibao import texts
+from laibao.answer.difyapp import CHAT_MODES, DifyApp
+from laibao.answer.render import explain_failure, fit, render_answer
+from laibao.answer.retry import retrying
+from laibao.answer.tasks import AnswerTasks
+from laibao.answer.writer import Flusher, OwnershipLost, StreamWriter
+from laibao.auth import AuthUnavailable, Credential
+from laibao.config import BotConfig, Config
+from laibao.crypto import WeComCrypto
+from laibao.delivery import post_markdown
+from laibao.errors import AuthError, DifyError, DifyHTTPError, StoreError
+from laibao.media import (
+    MediaError,
+    check_upload,
+    download_wecom_media,
+    file_ref,
+    image_item,
+    image_links,
+    sniff,
+    think_blocks,
+)
+from laibao.metrics import Metrics
+from laibao.sse import MessageDelta, MessageEnd, MessageFile, MessageReplace
+from stores.base import DONE, ERROR, ConversationStore, StreamSession, StreamStore
+from stores.turns_store import InFlight, TurnQueue
+
+log = logging.getLogger("laibao.answer")
+
+CONVERSATION_GONE = "Conversation Not Exists"
+MAX_IMAGES = 10  # WeCom accepts at most 10 msg_item images on the finishing reply
+TURN_POLL = 0.2  # seconds between checks whether a queued message's turn has come
+ABANDONED_CHECK_EVERY = 25  # turn checks between looks at whether the head was abandoned (~5 s)
+FLAGS_BUDGET = 5.0  # seconds a /stop-flag read is retried: missing a /stop note must not hold an answer
+
+
+@dataclass(frozen=True)
+class WeComFiles:
+    """Where a message's media and its response_url delivery go: the shared HTTP client and the bot's key."""
+
+    http: AsyncHTTPClient
+    crypto: WeComCrypto
+    max_bytes: int
+    response_url_retries: int
+
+
+class Transcript:
+    """The whole answer received so far (after any message_replace), for response_url and images."""
+
+    def __init__(self) -> None:
+        self._parts: list[str] = []
+
+    def add(self, text: str) -> None:
+        """Append a delta."""
+        self._parts.append(text)
+
+    def replace(self, text: str) -> None:
+        """Make ``text`` the whole answer."""
+        self._parts = [text]
+
+    @property
+    def text(self) -> str:
+        """Everything so far."""
+        return "".join(self._parts)
+
+
+class Answers:
+    """One bot's answer jobs on this process: started up to the process's cap, or taken over."""
+
+    def __init__(self, *, bot: BotConfig, app: DifyApp, streams: StreamStore, conversations: ConversationStore,
+                 turns: TurnQueue, inflight: InFlight, files: WeComFiles, flusher: Flusher, tasks: AnswerTasks,
+                 metrics: Metrics, config: Config, clock: Callable[[], float] = time.time) -> None:
+        self.bot = bot
+        self.app = app
+        self.streams = streams
+        self.conversations = conversations
+        self.turns = turns
+        self.inflight = inflight
+        self.files = files
+        self.flusher = flusher
+        self.tasks = tasks
+        self.metrics = metrics
+        self.config = config
+        self.clock = clock
+
+    def start(self, session: StreamSession, takeover: bool = False) -> bool:
+        """Start the job of ``session`` here if this process has room; False (nothing started) if not."""
+        if not self.tasks.has_room():
+            if not self.tasks.draining:
+                self.metrics.cap_hits.inc()
+            return False
+        writer = StreamWriter(self.flusher, session.sid, self.config.node, index=session.n,
+                              replace_first=takeover, clock=self.clock)
+        self.tasks.start_answer(AnswerJob(self, session, writer).run(), name=f"answer-{session.sid}")
+        return True
+
+    async def take_over(self, sid: str, previous_owner: str) -> None:
+        """Adopt a session whose owner died (stale heartbeat), was draining or full; one process wins."""
+        if not self.tasks.has_room():
+            return  # full or draining: the session waits, unowned, for a process with room
+        if not await self.streams.take_over(sid, self.config.node, self.clock(), self.config.lease):
+            return
+        session = await self.streams.get(sid)
+        if session is None:
+            return
+        self.metrics.takeovers.labels(self.bot.key).inc()
+        log.warning("bot %s: took over stream %s from %s", self.bot.key, sid, previous_owner or "(released)")
+        self.start(session, takeover=True)
+
+
+class AnswerJob:
+    """The background work of one message, from its turn to the finished stream."""
+
+    def __init__(self, answers: Answers, session: StreamSession, writer: StreamWriter) -> None:
+        self.session = session
+        self.writer = writer
+        self.transcript = Transcript()
+        # What every job of the bot shares, named here once rather than reached through chains.
+        self.bot = answers.bot
+        self.app = answers.app
+        self.streams = answers.streams
+        self.conversations = answers.conversations
+        self.turns = answers.turns
+        self.inflight = answers.inflight
+        self.files = answers.files
+        self.metrics = answers.metrics
+        self.config = answers.config
+        self.clock = answers.clock
+
+    async def run(self) -> None:
+        """Stream Dify's answer into the store until it is done or failed."""
+        session, writer = self.session, self.writer
+        loop = asyncio.get_running_loop()
+        beat = loop.create_task(self._keep_alive())
+        window = loop.create_task(self._watch_window())
+        started = time.monotonic()
+        self.metrics.active.inc()
+        try:
+            await self._answer()
+            log.info("stream %s done in %.2f s (%d writes)", session.sid, time.monotonic() - started, writer.writes)
+            self.metrics.answer.observe(time.monotonic() - started)
+        except OwnershipLost:
+            log.warning("stream %s: another process owns it now; this answer stops", session.sid)
+        except (DifyError, MediaError, AuthError) as exc:
+            if isinstance(exc, DifyError):
+                self.metrics.dify_errors.labels(self.bot.key, _error_code(exc)).inc()
+            log.warning("stream %s: failed: %s", session.sid, exc)
+            await self._fail(explain_failure(exc, self.bot))
+        except StoreError as exc:
+            self.metrics.store_errors.inc()
+            log.error("stream %s: store unavailable past the retry budget; another process takes it over "
+                      "after the lease: %s", session.sid, exc)
+        except asyncio.CancelledError:
+            # Shutdown past the grace period: hand the session to another process at once.
+            await asyncio.shield(self._release())
+            raise
+        except Exception:
+            log.exception("stream %s: answer crashed", session.sid)
+            await self._fail(texts.GENERIC_ERROR)
+        finally:
+            self.metrics.active.dec()
+            if writer.first_text_at is not None:
+                self.metrics.first_content.observe(writer.first_text_at - started)
+            beat.cancel()
+            window.cancel()
+            await self._leave()
+
+    async def _answer(self) -> None:
+        session, writer = self.session, self.writer
+        waited = await self._wait_turn()
+        # A /stop reaches the head of the queue only: one that came while this message waited is seen
+        # here; one that comes later is seen once Dify's task id is recorded.
+        if waited and (await self._flags()).get("stop"):
+            await writer.finish(DONE, texts.STOPPED_NOTE, {})
+            return
+        credential = await self.app.credential(session.user)
+        mode = await self.app.mode()
+        files = await self._files(credential)
+        end, files_out = await self._ask(credential, mode, files)
+        flags = await self._flags()
+        note = ("\n\n" + texts.STOPPED_NOTE) if flags.get("stop") else ""
+        answer = self.transcript.text + note
+        _, rest = render_answer(answer, self.bot.think, final=True)
+        fields = {"conversation_id": end.conversation_id, "message_id": end.message_id, "task_id": end.task_id}
+        # Only links to Dify's own files: a link the model wrote must not make laibao fetch internal hosts.
+        linked = [url for url in image_links(self.transcript.text) if self.app.client.is_own_url(url)]
+        items = await self._images(files_out + linked)
+        if items:
+            fields["items"] = json.dumps(items)
+        offline = writer.closed  # WeCom's window closed before the answer was complete
+        await writer.finish(DONE, note, fields)
+        if end.conversation_id and mode in CHAT_MODES:
+            await retrying(lambda: self.conversations.set(self.bot.key, session.scope, end.conversation_id,
+                                                          self.bot.conversation_ttl),
+                           f"stream {session.sid} conversation")
+        if offline:
+            await self._deliver(think_blocks(answer, self.bot.think, final=True))
+        elif rest:
+            await self._deliver(rest)
+
+    async def _wait_turn(self) -> bool:
+        """Messages of one conversation reach Dify one at a time, in arrival order, across processes.
+
+        True if the message had to wait for its turn (it was not at the head of its queue at once).
+        """
+        bot, scope, sid = self.bot.key, self.session.scope, self.session.sid
+        position = await retrying(lambda: self.turns.join(bot, scope, sid, self.config.stream_ttl),
+                                  f"stream {sid} turns")
+        if position == 0:
+            return False  # at the head already: no second round trip to ask
+        # Polled, not notified: the message ahead may be relayed by another process.
+        checks = 0
+        while not await retrying(lambda: self.turns.my_turn(bot, scope, sid), f"stream {sid} turns"):
+            checks += 1
+            if checks % ABANDONED_CHECK_EVERY == 1:  # at once, then every few seconds
+                await retrying(self._drop_abandoned_head, f"stream {sid} turns")
+            await asyncio.sleep(TURN_POLL)
+        return True
+
+    async def _drop_abandoned_head(self) -> None:
+        """Unblock a conversation whose head died after WeCom stopped polling it (nobody will take it over)."""
+        head = await self.turns.head(self.bot.key, self.session.scope)
+        ahead = await self.streams.get(head) if head else None
+        now = self.clock()
+        if ahead is not None and now > ahead.deadline and now - ahead.heartbeat > self.config.lease:
+            log.warning("stream %s: abandoned by %s after WeCom's window; dropped from its queue",
+                        ahead.sid, ahead.owner or "(released)")
+            await self.turns.leave(self.bot.key, self.session.scope, ahead.sid)
+
+    async def _leave(self) -> None:
+        session = self.session
+        try:
+            await retrying(lambda: self.turns.leave(self.bot.key, session.scope, session.sid),
+                           f"stream {session.sid} leave", budget=10.0)
+            await retrying(lambda: self.inflight.release(self.bot.key, session.user, session.sid),
+                           f"stream {session.sid} leave", budget=10.0)
+        except StoreError as exc:
+            # Both entries are dropped by the next reader once the session is over or stale.
+            log.warning("stream %s: could not leave the queue: %s", session.sid, exc)
+
+    async def _flags(self) -> Mapping[str, str]:
+        """The session's extras (e.g. the /stop flag); none while the store stays unreachable."""
+        sid = self.session.sid
+        try:
+            session = await retrying(lambda: self.streams.get(sid), f"stream {sid} flags", FLAGS_BUDGET)
+        except StoreError as exc:
+            # Only a /stop note could be missed; the answer itself must not be lost over it.
+            log.warning("stream %s: could not read its flags: %s", sid, exc)
+            return {}
+        return session.extra if session is not None else {}
+
+    async def _files(self, credential: Credential) -> list[dict[str, str]]:
+        """Dify ``files`` for the message's media: downloaded from WeCom, decrypted, uploaded for the user."""
+        session = self.session
+        if "files" in session.extra:  # uploaded before a takeover: the same files again
+            files: list[dict[str, str]] = json.loads(session.extra["files"])
+            return files
+        media = json.loads(session.extra.get("media", "[]"))
+        if not media:
+            return []
+        bearer, _ = self.app.call_auth(credential)
+        parameters = await self.app.parameters(bearer)
+        files = []
+        for item in media:
+            data = await download_wecom_media(self.files.http, item["url"], self.files.crypto, self.files.max_bytes,
+                                              timeout=30.0)
+            kind = sniff(data, item.get("kind", ""))
+            dify_type = check_upload(kind, len(data), parameters)
+            upload = await self.app.client.upload_file(data, kind.filename(f"wecom-{len(files) + 1}"),
+                                                       kind.mime_type,
+                                                       self.app.dify_user(session.user, session.chat), bearer)
+            files.append(file_ref(dify_type, upload))
+        await retrying(lambda: self.streams.annotate(session.sid, {"files": json.dumps(files)}),
+                       f"stream {session.sid} files")
+        return files
+
+    async def _ask(self, credential: Credential, mode: str,
+                   files: list[dict[str, str]]) -> tuple[MessageEnd, list[str]]:
+        """The Dify call, retried once with a new conversation (404) or a fresh user token (401)."""
+        session, auth = self.session, self.app.auth
+        conversation_id = ""
+        if mode in CHAT_MODES:
+            stored: str | None = await retrying(lambda: self.conversations.get(self.bot.key, session.scope),
+                                                f"stream {session.sid} conversation")
+            conversation_id = stored or ""
+        token_retried = False
+        while True:
+            try:
+                return await self._stream(credential, mode, files, conversation_id)
+            except DifyHTTPError as exc:
+                if conversation_id and exc.status == 404 and exc.message.startswith(CONVERSATION_GONE):
+                    log.info("stream %s: Dify lost the conversation; starting a new one", session.sid)
+                    await self.conversations.delete(self.bot.key, session.scope)
+                    conversation_id = ""
+                    continue
+                if exc.status == 401 and credential.token and auth is not None:
+                    # Dropped everywhere (Redis and every process's cache) before signing in again.
+                    await auth.invalidate(session.user, credential.token)
+                    if token_retried:
+                        raise AuthUnavailable(session.user, "token refused by Dify twice") from exc
+                    log.info("stream %s: Dify refused the user's token; signing in again", session.sid)
+                    credential = await auth.resolve(self.bot, session.user)
+                    token_retried = True
+                    continue
+                raise
+
+    async def _stream(self, credential: Credential, mode: str, files: list[dict[str, str]],
+                      conversation_id: str) -> tuple[MessageEnd, list[str]]:
+        session, writer = self.session, self.writer
+        bearer, inputs = self.app.call_auth(credential)
+        events = self.app.client.chat_stream(query=session.query, user=self.app.dify_user(session.user, session.chat),
+                                             conversation_id=conversation_id, inputs=inputs, files=files or None,
+                                             mode=mode, bearer=bearer)
+        images: list[str] = []
+        task_seen = False
+        # aclosing: returning at message_end must still close the HTTP stream at once.
+        async with contextlib.aclosing(events):
+            async for event in events:
+                if event.task_id and not task_seen:
+                    task_seen = True
+                    await self._note_task(event.task_id, mode, bearer)
+                if isinstance(event, MessageDelta):
+                    self.transcript.add(event.answer)
+                    writer.add(event.answer)
+                elif isinstance(event, MessageReplace):
+                    self.transcript.replace(event.answer)
+                    await writer.replace(event.answer)
+                elif isinstance(event, MessageFile) and event.file_type == "image" and event.url:
+                    images.append(event.url)
+                elif isinstance(event, MessageEnd):
+                    return event, images
+        raise DifyError("Dify stream ended without message_end")  # the client raises first; kept for safety
+
+    async def _note_task(self, task_id: str, mode: str, bearer: str | None) -> None:
+        """Record Dify's task id so /stop on any process can reach it; honour a /stop that came first."""
+        session = self.session
+        try:
+            await retrying(lambda: self.streams.annotate(session.sid, {"task_id": task_id, "mode": mode}),
+                           f"stream {session.sid} task id", FLAGS_BUDGET)
+        except StoreError as exc:
+            log.warning("stream %s: could not record the task id (/stop cannot reach it): %s", session.sid, exc)
+            return
+        if (await self._flags()).get("stop"):
+            await self.app.client.stop(task_id, self.app.dify_user(session.user, session.chat), mode, bearer)
+
+    async def _images(self, urls: list[str]) -> list[dict[str, Any]]:
+        """WeCom msg_item images for the answer's generated images (JPG/PNG, at most 10)."""
+        items = []
+        for url in urls[:MAX_IMAGES]:
+            item = await image_item(self.app.client.fetch, url)
+            if item is not None:
+                items.append(item)
+        return items
+
+    async def _deliver(self, content: str) -> None:
+        """Send ``content`` through the message's response_url (once)."""
+        session = self.session
+        if not session.response_url or not content.strip():
+            return
+        # One response_url message holds 20480 bytes too, and it can be used only once.
+        content, _ = fit(content, texts.TRUNCATED_NOTE)
+        delivered = await post_markdown(self.files.http, session.response_url, content,
+                                        retries=self.files.response_url_retries)
+        log.log(logging.INFO if delivered else logging.ERROR, "stream %s: response_url delivery %s",
+                session.sid, "done" if delivered else "failed")
+
+    async def _watch_window(self) -> None:
+        """Close the stream shortly before WeCom stops polling; the full answer follows via response_url."""
+        closes = self.session.created + self.config.stream_window - self.config.window_margin
+        await asyncio.sleep(max(0.0, closes - self.clock()))
+        if self.writer.closed:
+            return
+        try:
+            await self.writer.finish(DONE, "\n\n" + texts.WINDOW_NOTE, {})
+            log.info("stream %s: WeCom's window closes; the rest follows via response_url", self.session.sid)
+        except (StoreError, OwnershipLost) as exc:
+            log.warning("stream %s: could not close the stream before the window: %s", self.session.sid, exc)
+
+    async def _release(self) -> None:
+        sid = self.session.sid
+        try:
+            if await self.streams.release(sid, self.config.node):
+                log.warning("stream %s released for another process to finish", sid)
+        except StoreError as exc:
+            log.error("stream %s: could not release (taken over after the lease): %s", sid, exc)
+
+    async def _fail(self, message: str) -> None:
+        """End the stream with a short explanation after whatever was already shown."""
+        tail = ("\n\n" + message) if self.writer.has_text else message
+        try:
+            await self.writer.finish(ERROR, tail, {})
+        except (StoreError, OwnershipLost) as exc:
+            log.error("stream %s: could not record the failure: %s", self.session.sid, exc)
+
+    async def _keep_alive(self) -> None:
+        """Refresh the heartbeat while the answer runs, so no other process takes it over.
+
+        Every text write refreshes it too, so a streaming answer needs no separate call.
+        """
+        period = self.config.lease / 3
+        sid = self.session.sid
+        while True:
+            await asyncio.sleep(period)
+            if time.monotonic() - self.writer.last_write < period:
+                continue
+            try:
+                if not await self.streams.heartbeat(sid, self.config.node, self.clock()):
+                    return
+            except StoreError as exc:
+                log.warning("stream %s: heartbeat failed: %s", sid, exc)
+
+
+def _error_code(exc: DifyError) -> str:
+    """A bounded label for the Dify error metric."""
+    code = getattr(exc, "code", "") or ""
+    if code:
+        return str(code)[:40]
+    return type(exc).__name__
