@@ -15,10 +15,9 @@ from typing import Any
 from cachetools import LRUCache
 
 from laibao import texts
-from laibao.auth import AuthUnavailable, NotAuthorized
 from laibao.commands import HELP, NEW, STOP, help_text, read_message
 from laibao.dify import DifyClient
-from laibao.errors import DifyError, LaibaoError, StoreError
+from laibao.errors import AuthError, DifyError, LaibaoError, StoreError
 from laibao.relay import BotDeps, Relay, new_id, render_answer
 from laibao.wecom import Callback, stream_reply, text_reply
 from stores.base import DONE, Snapshot, StreamSession
@@ -29,6 +28,7 @@ SHOWN_CACHE_SIZE = 10000
 MAX_IN_FLIGHT = 3  # WeCom's own limit of one user's messages being answered at once
 WELCOME_TIMEOUT = 2.0  # enter_chat must be answered at once: Dify's opening statement or the default
 # feedback_event reasons (WeCom's codes) as the text Dify stores with a dislike
+COMMAND_FIELD = "command"  # session extra of a deferred command: what to carry out on a takeover
 REASONS = {1: "答非所问", 2: "回答不完整", 3: "回答有误", 4: "数据分析有误"}
 
 
@@ -81,16 +81,16 @@ class BotService:
             log.info("bot %s: duplicate msgid, stream %s", self.bot.key, winner)
             return await self.refresh(winner, duplicate=True)
         scope = deps.scope_of(callback.userid, callback.chatid)
+        # Known staff only, commands included. Decided from laibao's own stores within a short bound;
+        # the sign-in (the auth service) happens in the answer job, never on this path.
+        admitted = await self._admit(callback.userid)
+        if admitted is False:
+            return await self._closed(sid, callback, self.bot.denied_text)
         if inbound.command:
-            return await self._closed(sid, callback, await self.command(inbound.command, callback, scope))
-        if deps.auth is not None:
-            # Known staff only: refuse before anything is sent to Dify.
-            try:
-                await deps.auth.resolve(self.bot, callback.userid)
-            except NotAuthorized:
-                return await self._closed(sid, callback, self.bot.denied_text)
-            except AuthUnavailable:
-                return await self._closed(sid, callback, texts.SIGN_IN_FAILED)
+            if admitted is None:
+                return await self._defer_command(sid, callback, scope, inbound.command)
+            text = await self.command(inbound.command, callback.userid, callback.chatid, scope)
+            return await self._closed(sid, callback, text)
         if not inbound.text:
             # Media alone waits for the user's next text (WeCom's URLs stay valid for 5 minutes).
             hold = min(deps.config.media_hold_seconds, 290.0)
@@ -131,8 +131,41 @@ class BotService:
         await self.deps.stores.streams.finish(sid, session.owner, DONE, text, {}, session.created)
         return stream_reply(sid, text, finish=True)
 
-    async def command(self, command: str, callback: Callback, scope: str) -> str:
-        """Carry out /new, /stop or /help; the short reply text."""
+    async def _admit(self, userid: str) -> bool | None:
+        """May the user use this bot: True, False, or None when not known yet (decided later)."""
+        if self.deps.auth is None:
+            return True
+        return await self.deps.auth.admit(self.bot, userid)
+
+    async def _defer_command(self, sid: str, callback: Callback, scope: str, command: str) -> dict[str, Any]:
+        """A command from a user not yet known to be allowed: reply now, decide and carry it out in the
+        background, and show the outcome on the next poll."""
+        session = self._session(sid, callback, scope, "", {COMMAND_FIELD: command})
+        await self.deps.stores.streams.create(session, self.deps.config.msgid_ttl)
+        self.deps.tasks.spawn(self._run_command(session), name=f"command-{sid}")
+        return stream_reply(sid, self.bot.placeholder, finish=False)
+
+    async def _run_command(self, session: StreamSession) -> None:
+        """Decide whether the user may give the deferred command, carry it out, finish its stream."""
+        deps = self.deps
+        try:
+            if deps.auth is not None and not await deps.auth.decide(self.bot, session.user):
+                text = self.bot.denied_text
+            else:
+                text = await self.command(session.extra[COMMAND_FIELD], session.user, session.chat, session.scope)
+        except AuthError:
+            text = texts.SIGN_IN_FAILED
+        except StoreError as exc:
+            log.warning("stream %s: a deferred command failed: %s", session.sid, exc)
+            text = texts.BUSY
+        try:
+            await deps.stores.streams.finish(session.sid, deps.config.node, DONE, text, {}, deps.clock())
+        except StoreError as exc:
+            # The session stays running: the first poll after the lease carries the command out again.
+            log.error("stream %s: could not record a command's outcome: %s", session.sid, exc)
+
+    async def command(self, command: str, userid: str, chatid: str, scope: str) -> str:
+        """Carry out /new, /stop or /help for an allowed user; the short reply text."""
         deps = self.deps
         if command == HELP:
             return help_text(self.bot)
@@ -140,7 +173,7 @@ class BotService:
             conversation_id = await deps.stores.conversations.get(self.bot.key, scope)
             await deps.stores.conversations.delete(self.bot.key, scope)
             if conversation_id:
-                user = deps.dify_user(callback.userid, callback.chatid)
+                user = deps.dify_user(userid, chatid)
                 deps.tasks.spawn(self._forget(conversation_id, user), name=f"forget-{conversation_id}")
             return texts.NEW_CONVERSATION
         assert command == STOP
@@ -210,18 +243,29 @@ class BotService:
             return
         deps.metrics.takeovers.labels(self.bot.key).inc()
         log.warning("bot %s: took over stream %s from %s", self.bot.key, sid, previous_owner or "(released)")
-        deps.tasks.spawn(self.relay.run(session, takeover=True), name=f"relay-{sid}")
+        if COMMAND_FIELD in session.extra:  # a deferred command, not a question for Dify
+            deps.tasks.spawn(self._run_command(session), name=f"command-{sid}")
+        else:
+            deps.tasks.spawn(self.relay.run(session, takeover=True), name=f"relay-{sid}")
 
     async def on_event(self, callback: Callback) -> dict[str, Any] | None:
         """enter_chat gets a welcome; feedback goes to Dify in the background; other events get nothing."""
         if callback.event_type == "enter_chat":
+            if await self._admit(callback.userid) is False:
+                return text_reply(self.bot.denied_text)
             return text_reply(await self.welcome())
         if callback.event_type == "feedback_event":
             event = callback.raw.get("event")
             feedback = event.get("feedback_event") if isinstance(event, Mapping) else None
             if isinstance(feedback, Mapping):
-                self.deps.tasks.spawn(self._feedback(feedback), name="feedback")
+                self.deps.tasks.spawn(self._feedback(feedback, callback.userid, callback.chatid), name="feedback")
         return None
+
+    def _may_rate(self, session: StreamSession, userid: str, chatid: str) -> bool:
+        """The answer's user, or any member of its group when the group shares one conversation."""
+        if session.user == userid:
+            return True
+        return self.bot.group_scope == "chat" and bool(session.chat) and session.chat == chatid
 
     async def welcome(self) -> str:
         """The configured welcome, else Dify's opening statement and suggested questions, else a default."""
@@ -240,14 +284,25 @@ class BotService:
             lines.extend(f"- {q.strip()}" for q in questions)
         return "\n".join(lines)
 
-    async def _feedback(self, feedback: Mapping[str, Any]) -> None:
-        """Forward a rating to Dify for the answered message (feedback id = our stream id)."""
+    async def _feedback(self, feedback: Mapping[str, Any], userid: str, chatid: str) -> None:
+        """Forward a rating to Dify for the answered message (feedback id = our stream id).
+
+        Only an allowed user may rate, and only an answer of theirs: their own, or in a group with one
+        conversation per chat, any answer in that group.
+        """
         sid = feedback.get("id")
         kind = feedback.get("type")
         try:
             session = await self.deps.stores.streams.get(sid) if isinstance(sid, str) else None
-            if session is None or not session.message_id:
+            if session is None or session.bot != self.bot.key or not session.message_id:
                 log.info("feedback for an unknown or unfinished stream ignored")
+                return
+            if not self._may_rate(session, userid, chatid):
+                log.warning("bot %s: feedback from %s on stream %s of another user ignored",
+                            self.bot.key, userid, session.sid)
+                return
+            if self.deps.auth is not None and not await self.deps.auth.decide(self.bot, userid):
+                log.warning("bot %s: feedback from %s, who may not use the bot, ignored", self.bot.key, userid)
                 return
             rating = {1: "like", 2: "dislike"}.get(kind) if isinstance(kind, int) else None
             reasons = [REASONS[r] for r in feedback.get("inaccurate_reason_list") or [] if r in REASONS]
