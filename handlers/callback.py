@@ -32,6 +32,7 @@ class CallbackHandler(BaseHandler):
         status = self.get_status()
         outcome = "ok" if status < 400 else ("refused" if status < 500 else "error")
         self.runtime.metrics.callbacks.labels(self._bot_key, self._kind, outcome).inc()
+        self.runtime.metrics.callback_seconds.labels(self._kind).observe(self.request.request_time())
 
     def prepare(self) -> None:
         """Refuse an oversized body before reading it."""

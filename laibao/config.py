@@ -95,6 +95,7 @@ class Config:
     shutdown_grace: float = 20.0
     auth_url: str = ""
     auth_timeout: float = 5.0
+    auth_admit_timeout: float = 0.5  # the callback path waits at most this long for a user's record
     auth_code_field: str = "code"
     auth_secret_field: str = "secret"  # noqa: S105 - a JSON field name, not a secret
     auth_token_field: str = "token"  # noqa: S105 - a JSON field name, not a secret
@@ -197,6 +198,7 @@ _GLOBAL_PARSERS: dict[str, Parser] = {
     "shutdown_grace": _float,
     "auth_url": _str,
     "auth_timeout": _float,
+    "auth_admit_timeout": _float,
     "auth_code_field": _str,
     "auth_secret_field": _str,
     "auth_token_field": _str,

@@ -62,6 +62,8 @@ class Runtime:
             self.auth = AuthService(config, open_user_store(config), open_token_cache(config), http)
             self.metrics.add_counters("laibao_auth_resolutions", "User resolutions by cache level and outcome",
                                       "level", self.auth.stats)
+            self.metrics.add_counters("laibao_auth_admissions", "Callback-path admissions by how they were decided",
+                                      "outcome", self.auth.admissions)
         self.bots: dict[str, BotRuntime] = {}
         for bot in config.bots:
             dify = DifyClient(

@@ -12,7 +12,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,6 +47,7 @@ from stores.turns_store import InFlight, TurnQueue
 log = logging.getLogger("laibao.answer")
 
 CONVERSATION_GONE = "Conversation Not Exists"
+COMMAND_FIELD = "command"  # session extra of a deferred command (user not yet admitted): what to carry out
 MAX_IMAGES = 10  # WeCom accepts at most 10 msg_item images on the finishing reply
 TURN_POLL = 0.2  # seconds between checks whether a queued message's turn has come
 ABANDONED_CHECK_EVERY = 25  # turn checks between looks at whether the head was abandoned (~5 s)
@@ -101,6 +102,8 @@ class Answers:
         self.metrics = metrics
         self.config = config
         self.clock = clock
+        # Set by the bot's service: carries out a deferred command (COMMAND_FIELD) after a takeover.
+        self.resume_command: Callable[[StreamSession], Coroutine[Any, Any, None]] | None = None
 
     def start(self, session: StreamSession, takeover: bool = False) -> bool:
         """Start the job of ``session`` here if this process has room; False (nothing started) if not."""
@@ -124,6 +127,10 @@ class Answers:
             return
         self.metrics.takeovers.labels(self.bot.key).inc()
         log.warning("bot %s: took over stream %s from %s", self.bot.key, sid, previous_owner or "(released)")
+        if COMMAND_FIELD in session.extra and self.resume_command is not None:
+            # A command whose user's admission was still being decided, not a question for Dify.
+            self.tasks.spawn(self.resume_command(session), name=f"command-{sid}")
+            return
         self.start(session, takeover=True)
 
 
