@@ -17,8 +17,6 @@ from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from tornado.httpclient import AsyncHTTPClient
-
 from laibao import texts
 from laibao.auth import AuthService, AuthUnavailable, Credential, NotAuthorized
 from laibao.config import BotConfig, Config
@@ -40,6 +38,7 @@ from laibao.media import (
     think_blocks,
 )
 from laibao.metrics import Metrics
+from laibao.outbound import Outbound
 from laibao.sse import MessageDelta, MessageEnd, MessageFile, MessageReplace
 from laibao.wecom import MAX_CONTENT_BYTES
 from stores.base import DONE, ERROR, Stores, StreamSession, StreamStore
@@ -271,7 +270,7 @@ class BotDeps:
     turns: Turns
     media: MediaHold
     dify: DifyClient
-    http: AsyncHTTPClient
+    http: Outbound
     crypto: WeComCrypto
     config: Config
     tasks: RelayTasks

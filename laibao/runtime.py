@@ -5,14 +5,13 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from tornado.httpclient import AsyncHTTPClient
-
 from laibao.auth import AuthService
 from laibao.config import BotConfig, Config
 from laibao.crypto import WeComCrypto
 from laibao.dify import DifyClient
 from laibao.errors import StoreError
 from laibao.metrics import Metrics
+from laibao.outbound import Outbound
 from laibao.relay import BotDeps, RelayTasks
 from laibao.service import BotService
 from stores import Stores, open_stores
@@ -37,7 +36,7 @@ class BotRuntime:
 class Runtime:
     """Everything a handler may reach: configuration, stores, bots and their running relays."""
 
-    def __init__(self, config: Config, stores: Stores, http: AsyncHTTPClient) -> None:
+    def __init__(self, config: Config, stores: Stores, http: Outbound) -> None:
         self.config = config
         self.stores = stores
         self.http = http
@@ -64,6 +63,7 @@ class Runtime:
                 connect_timeout=config.dify_connect_timeout,
                 idle_timeout=config.dify_idle_timeout,
                 total_timeout=config.dify_total_timeout,
+                file_hosts=config.dify_file_hosts,
             )
             crypto = WeComCrypto(bot.token, bot.aes_key, bot.receive_id)
             deps = BotDeps(bot=bot, stores=stores, turns=turns, media=media, dify=dify, http=http, crypto=crypto,
@@ -73,10 +73,8 @@ class Runtime:
 
     @classmethod
     def build(cls, config: Config) -> Runtime:
-        """Open the stores and the shared HTTP client (must run inside the event loop)."""
-        # Each live answer holds one HTTP connection to Dify: the default of 10 would queue answers.
-        http = AsyncHTTPClient(force_instance=True, max_clients=config.http_max_clients)
-        return cls(config, open_stores(config.redis_url or None), http)
+        """Open the stores and the shared HTTP clients (must run inside the event loop)."""
+        return cls(config, open_stores(config.redis_url or None), Outbound.from_config(config))
 
     async def start(self) -> None:
         """Start background listeners (token invalidations from other processes)."""

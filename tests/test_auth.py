@@ -19,13 +19,13 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 import tornado.ioloop
-from tornado.httpclient import AsyncHTTPClient
 
 from laibao.auth import AuthService, AuthUnavailable, Credential, NotAuthorized, lookup, nest
 from laibao.config import Config
 from stores.tokens import MemoryTokenCache, RedisTokenCache
 from stores.users import MemoryUserStore, MySQLUserStore, User
 from tests.authstub import SECRET_KEY, Answer, AuthStub, bot, make_config
+from tests.conftest import make_outbound
 from tests.servers import RedisServer
 
 KEY = base64.b64decode(SECRET_KEY)
@@ -53,7 +53,7 @@ class World:
             config,
             MySQLUserStore(config.mysql_url, KEY),
             RedisTokenCache(config.redis_url),
-            AsyncHTTPClient(force_instance=True),
+            make_outbound(),
         )
         await service.start()
         self.services.append(service)
@@ -100,7 +100,7 @@ def resolver(service: AuthService, mode: str) -> Callable[[str], Any]:
 async def test_open_mode_touches_no_store(io_loop: tornado.ioloop.IOLoop) -> None:
     # stores that fail on any use: open mode must not use them
     config = make_config(mysql_url="mysql://u:p@127.0.0.1:1/x", redis_url="redis://127.0.0.1:1/0")
-    http = AsyncHTTPClient(force_instance=True)
+    http = make_outbound()
     service = AuthService(config, MySQLUserStore(config.mysql_url, KEY, connect_timeout=0.2),
                           RedisTokenCache(config.redis_url, connect_timeout=0.2), http)
     try:
@@ -293,7 +293,7 @@ async def test_an_invalidation_during_a_fetch_keeps_it_out_of_the_process_cache(
 async def test_memory_backends_work_for_one_process(world: World) -> None:
     memory = MemoryUserStore()
     await memory.add(USERS[0])
-    http = AsyncHTTPClient(force_instance=True)
+    http = make_outbound()
     service = AuthService(dataclasses.replace(world.config, redis_url="", mysql_url=""), memory,
                           MemoryTokenCache(), http)
     try:
