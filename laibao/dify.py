@@ -73,6 +73,15 @@ _UPLOAD_TIMEOUT = 300.0  # an upload of WeCom's largest file (100 MB) over a mod
 _WORKFLOW_ENDED = frozenset({"succeeded", "partial-succeeded", "stopped"})
 _MESSAGE_CHARS = 200  # at most this much of an error body goes into an exception message
 _ERROR_BODY_BYTES = 64 * 1024  # what is read of an error body before giving up on the rest
+# Error codes Dify documents, and the ones laibao derives from a status: the only metric labels besides
+# the exception's class (no code) and "other" (any other code), so an upstream cannot grow the label set.
+KNOWN_ERROR_CODES = frozenset({
+    "unauthorized", "forbidden", "not_found", "invalid_param", "bad_request", "app_unavailable",
+    "provider_not_initialize", "provider_quota_exceeded", "model_currently_not_support",
+    "completion_request_error", "conversation_completed", "rate_limit_error", "too_many_requests",
+    "internal_server_error", "bad_gateway", "service_unavailable", "gateway_timeout", "file_too_large",
+    "unsupported_file_type", "workflow_failed", "invalid_api_key", "app_disabled",
+})
 _TAG = re.compile(r"<[^>]*>")
 _SPACE = re.compile(r"\s+")
 _MIME = re.compile(r"[\w.+-]+/[\w.+-]+")
@@ -394,6 +403,14 @@ class _WorkflowAnswer:
             metadata["elapsed_time"] = inner["elapsed_time"]
         out.append(MessageEnd(**ids, message_id=run, metadata=metadata))
         return out
+
+
+def error_label(exc: DifyError) -> str:
+    """The metric label of a Dify failure: a known code, the error's class when it has no code, or "other"."""
+    code = getattr(exc, "code", "") or ""
+    if not code:
+        return type(exc).__name__
+    return code if isinstance(code, str) and code in KNOWN_ERROR_CODES else "other"
 
 
 def _stream_route(mode: str) -> tuple[str, str]:

@@ -532,10 +532,13 @@ def outputs_text(outputs: Mapping[str, Any]) -> str:
     for value in outputs.values():
         if isinstance(value, str) and value:
             return value
-    data = {name: value for name, value in outputs.items() if not _is_file(value)}
-    if not data or all(value in (None, "", [], {}) for value in data.values()):
+    try:
+        data = {name: value for name, value in outputs.items() if not _is_file(value)}
+        if not data or all(value in (None, "", [], {}) for value in data.values()):
+            return ""
+        return json.dumps(data, ensure_ascii=False, separators=(",", ":"), default=str)
+    except RecursionError:  # outputs nested about as deep as Dify's JSON could be parsed: no answer in them
         return ""
-    return json.dumps(data, ensure_ascii=False, separators=(",", ":"), default=str)
 
 
 def _is_file(value: Any) -> bool:

@@ -22,7 +22,7 @@ from laibao.auth import AuthService, AuthUnavailable, Credential, NotAuthorized
 from laibao.config import BotConfig, Config
 from laibao.crypto import WeComCrypto
 from laibao.delivery import post_markdown
-from laibao.dify import DifyClient
+from laibao.dify import DifyClient, error_label
 from laibao.errors import AuthError, DifyError, DifyHTTPError, StoreError
 from laibao.media import (
     MediaError,
@@ -640,11 +640,8 @@ def explain_failure(exc: Exception, bot: BotConfig) -> str:
 
 
 def _error_code(exc: DifyError) -> str:
-    """A bounded label for the Dify error metric."""
-    code = getattr(exc, "code", "") or ""
-    if code:
-        return str(code)[:40]
-    return type(exc).__name__
+    """A bounded label for the Dify error metric: a code Dify documents, else "other"."""
+    return error_label(exc)
 
 
 def new_id() -> str:

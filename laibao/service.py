@@ -73,6 +73,8 @@ class BotService:
         deps = self.deps
         sid = new_id()
         inbound = read_message(callback, self.bot)
+        if inbound.refusal:
+            return stream_reply(sid, inbound.refusal, finish=True)
         if not inbound.text and not inbound.media:
             return stream_reply(sid, texts.EMPTY, finish=True)
         winner = await deps.stores.dedupe.claim(self.bot.key, callback.msgid, sid, deps.config.msgid_ttl)

@@ -21,7 +21,7 @@ import tornado.httpserver
 from tornado.httpclient import AsyncHTTPClient, HTTPResponse
 from tornado.ioloop import IOLoop
 
-from laibao.app import make_app
+from laibao.app import make_server
 from laibao.config import Config, load_config
 from laibao.crypto import WeComCrypto, generate_aes_key, generate_token
 from laibao.outbound import origin_entry
@@ -271,7 +271,7 @@ def running_service(
         config = configure(dify.base_url) if configure else service_config(dify.base_url, redis_url, **overrides)
         runtime = Runtime.build(config)
         await runtime.start()
-        server = tornado.httpserver.HTTPServer(make_app(runtime), max_body_size=8 << 20)
+        server = make_server(runtime)
         server.listen(port, address="127.0.0.1")
         http = AsyncHTTPClient(force_instance=True)
         return Service(dify, runtime, WeCom(http, f"http://127.0.0.1:{port}"), redis_url), server
