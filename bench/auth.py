@@ -19,13 +19,12 @@ import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from tornado.httpclient import AsyncHTTPClient
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from laibao.auth import AuthService  # noqa: E402
 from laibao.crypto import WeComCrypto, generate_aes_key, generate_token  # noqa: E402
+from laibao.outbound import Outbound  # noqa: E402
 from stores.tokens import RedisTokenCache  # noqa: E402
 from stores.users import MemoryUserStore, User  # noqa: E402
 from tests.authstub import AuthStub, bot, make_config  # noqa: E402
@@ -46,7 +45,7 @@ async def run(redis_url: str, messages: int, rounds: int) -> None:
     await stub.start()
     config = make_config(auth_url=stub.url, redis_url=redis_url)
     services: list[AuthService] = []
-    http = AsyncHTTPClient(force_instance=True)
+    http = Outbound(trusted=["127.0.0.1"])  # the auth stand-in is a configured upstream on loopback
 
     async def service(**overrides: object) -> AuthService:
         users = MemoryUserStore()  # the user store is read only on a miss, which nothing here measures
