@@ -68,7 +68,9 @@ class OneLineFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         """The record as usual, then escaped."""
-        return _UNSAFE.sub(_escape, super().format(record))
+        text = super().format(record)
+        # isprintable() is False for every character escaped here: most records skip the regex.
+        return text if text.isprintable() else _UNSAFE.sub(_escape, text)
 
 
 def configure_logging(level: str, stream: TextIO | None = None) -> None:
