@@ -25,15 +25,15 @@ import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-import tornado.httpserver
 from tornado.httpclient import AsyncHTTPClient
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from laibao.app import make_app  # noqa: E402
+from laibao.app import make_server  # noqa: E402
 from laibao.auth import AuthService  # noqa: E402
 from laibao.crypto import WeComCrypto, generate_aes_key, generate_token  # noqa: E402
+from laibao.outbound import Outbound  # noqa: E402
 from laibao.runtime import Runtime  # noqa: E402
 from stores.tokens import RedisTokenCache  # noqa: E402
 from stores.users import MemoryUserStore, MySQLUserStore, User  # noqa: E402
@@ -56,7 +56,7 @@ async def run(redis_url: str, messages: int, rounds: int) -> None:
     await stub.start()
     config = make_config(auth_url=stub.url, redis_url=redis_url)
     services: list[AuthService] = []
-    http = AsyncHTTPClient(force_instance=True)
+    http = Outbound(trusted=["127.0.0.1"])  # the auth stand-in is a configured upstream on loopback
 
     async def service(**overrides: object) -> AuthService:
         users = MemoryUserStore()  # the user store is read only on a miss, which nothing here measures
@@ -156,7 +156,7 @@ async def first_replies(redis_url: str, mysql_url: str, users: int, delay: float
     runtime = Runtime.build(config)
     await runtime.start()
     port = free_port()
-    server = tornado.httpserver.HTTPServer(make_app(runtime))
+    server = make_server(runtime)
     server.listen(port, address="127.0.0.1")
     http = AsyncHTTPClient(force_instance=True)
     wecom = WeCom(http, f"http://127.0.0.1:{port}")

@@ -37,11 +37,10 @@ from dataclasses import dataclass, field
 from typing import Any, NoReturn, TypeVar
 
 from cachetools import TTLCache
-from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest, HTTPResponse
-from tornado.iostream import StreamClosedError
 
 from laibao.config import BotConfig, Config
-from laibao.errors import AuthError, StoreError
+from laibao.errors import AuthError, StoreError, UpstreamError, UpstreamTimeout, UpstreamTooLarge
+from laibao.outbound import Outbound, Reply, parse_json
 from stores.tokens import EVERY_USER, TokenCache
 from stores.users import User, UserStore
 
@@ -117,7 +116,7 @@ class AuthService:
         config: Config,
         users: UserStore,
         tokens: TokenCache,
-        http: AsyncHTTPClient,
+        http: Outbound,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.config = config
@@ -374,34 +373,34 @@ class AuthService:
         body: dict[str, Any] = {}
         nest(body, config.auth_code_field, user.code)
         nest(body, config.auth_secret_field, user.secret)
-        request = HTTPRequest(
-            config.auth_url,
-            method="POST",
-            headers={"Content-Type": "application/json; charset=utf-8", "Accept": "application/json"},
-            body=json.dumps(body, ensure_ascii=False).encode(),
-            connect_timeout=config.auth_timeout,
-            request_timeout=config.auth_timeout,
-            follow_redirects=False,  # a redirected POST would become a GET without the credentials
-        )
         try:
-            response = await self.http.fetch(request, raise_error=False)
-        except HTTPClientError as exc:
-            # 599: tornado's own failures; their texts name the stage ("Timeout while connecting")
-            self._fail(user.userid, "timeout" if "Timeout" in str(exc) else f"unreachable ({exc.message})")
-        except (OSError, StreamClosedError) as exc:
-            self._fail(user.userid, f"unreachable ({type(exc).__name__})")
-        token, ttl = self._read_answer(user.userid, response)
+            # A short call: no redirects (a redirected POST would lose the credentials), about 1 MB at most.
+            reply = await self.http.fetch(
+                config.auth_url,
+                method="POST",
+                headers={"Content-Type": "application/json; charset=utf-8", "Accept": "application/json"},
+                body=json.dumps(body, ensure_ascii=False).encode(),
+                connect_timeout=config.auth_timeout,
+                timeout=config.auth_timeout,
+            )
+        except UpstreamTimeout:
+            self._fail(user.userid, "timeout")
+        except UpstreamTooLarge as exc:
+            self._fail(user.userid, f"the answer is larger than {exc.limit} bytes")
+        except UpstreamError as exc:
+            self._fail(user.userid, f"unreachable ({exc})")
+        token, ttl = self._read_answer(user.userid, reply)
         log.info("signed in %s at the auth service (token valid %.0f s)", user.userid, ttl)
         return Credential(user.userid, user.name, token), ttl
 
-    def _read_answer(self, userid: str, response: HTTPResponse) -> tuple[str, float]:
+    def _read_answer(self, userid: str, reply: Reply) -> tuple[str, float]:
         config = self.config
-        if not 200 <= response.code < 300:
-            hint = " (the user's code or secret was refused)" if response.code in (401, 403) else ""
-            self._fail(userid, f"HTTP {response.code}{hint}")
+        if not 200 <= reply.status < 300:
+            hint = " (the user's code or secret was refused)" if reply.status in (401, 403) else ""
+            self._fail(userid, f"HTTP {reply.status}{hint}")
         try:
-            payload = json.loads(response.body or b"")
-        except (ValueError, UnicodeDecodeError):
+            payload = parse_json(reply.body)
+        except ValueError:  # not JSON, not UTF-8, or nested too deeply
             self._fail(userid, "the answer is not JSON")
         token = lookup(payload, config.auth_token_field)
         if not isinstance(token, str) or not token:
@@ -413,7 +412,8 @@ class AuthService:
         if raw_ttl is not None:
             number = _number(raw_ttl)
             if number is not None and number > 0:
-                ttl = number
+                # A lifetime of years would keep a token in Redis (and out of reach of a re-check) as long.
+                ttl = min(number, config.auth_max_ttl)
             else:
                 log.warning("auth service gave %s no usable lifetime at %r; using %g s",
                             userid, config.auth_ttl_field, ttl)

@@ -21,6 +21,7 @@ from urllib.parse import urlsplit
 
 from laibao.crypto import WeComCrypto
 from laibao.errors import ConfigError, CryptoError
+from laibao.outbound import HostAllowlist
 
 ENV_PREFIX = "LAIBAO_"
 BOT_NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -90,6 +91,8 @@ class Config:
     flush_interval: float = 0.1
     flush_bytes: int = 1024
     max_body_bytes: int = 1024 * 1024
+    idle_connection_timeout: float = 30.0  # a client connection idle (or sending its headers) this long is closed
+    body_timeout: float = 10.0  # a request body not complete within this many seconds closes the connection
     log_content: bool = False  # message and answer text in logs (debugging only)
     max_clock_skew: float = 600.0  # callbacks whose timestamp is further from now are refused
     shutdown_grace: float = 20.0
@@ -101,12 +104,18 @@ class Config:
     auth_token_field: str = "token"  # noqa: S105 - a JSON field name, not a secret
     auth_ttl_field: str = "expires_in"
     auth_default_ttl: float = 3600.0
+    auth_max_ttl: float = 86400.0  # a longer token lifetime from the auth service is cut to this
     secret_key: str = field(default="", repr=False)
     token_cache_ttl: float = 30.0
     token_cache_size: int = 10000
     media_hold_seconds: float = 300.0
     media_max_bytes: int = 20 * 1024 * 1024
     response_url_retries: int = 3
+    # Where URLs from outside may point; empty = WeCom's own hosts (laibao.outbound). Entries are host,
+    # host:port or *.domain; hosts listed here may resolve to private addresses.
+    wecom_media_hosts: tuple[str, ...] = ()
+    response_url_hosts: tuple[str, ...] = ()
+    dify_file_hosts: tuple[str, ...] = ()  # besides each bot's Dify origin
 
     @cached_property
     def node(self) -> str:
@@ -194,6 +203,8 @@ _GLOBAL_PARSERS: dict[str, Parser] = {
     "flush_interval": _float,
     "flush_bytes": _int,
     "max_body_bytes": _int,
+    "idle_connection_timeout": _float,
+    "body_timeout": _float,
     "max_clock_skew": _float,
     "shutdown_grace": _float,
     "auth_url": _str,
@@ -204,12 +215,16 @@ _GLOBAL_PARSERS: dict[str, Parser] = {
     "auth_token_field": _str,
     "auth_ttl_field": _str,
     "auth_default_ttl": _float,
+    "auth_max_ttl": _float,
     "secret_key": _str,
     "token_cache_ttl": _float,
     "token_cache_size": _int,
     "media_hold_seconds": _float,
     "media_max_bytes": _int,
     "response_url_retries": _int,
+    "wecom_media_hosts": _words,
+    "response_url_hosts": _words,
+    "dify_file_hosts": _words,
 }
 _BOT_PARSERS: dict[str, Parser] = {
     "name": _str,
@@ -419,6 +434,14 @@ def _check_globals(config: Config) -> list[str]:
         problems.append("auth_url: must be an http(s) URL")
     if config.secret_key and secret_key_bytes(config.secret_key) is None:
         problems.append("secret_key: must be base64 of 32 bytes (laibao gen-key prints one)")
+    if config.auth_default_ttl > config.auth_max_ttl:
+        problems.append("auth_default_ttl: must not exceed auth_max_ttl")
+    for name in ("wecom_media_hosts", "response_url_hosts", "dify_file_hosts"):
+        for entry in getattr(config, name):
+            try:
+                HostAllowlist(name, (entry,))
+            except ValueError:
+                problems.append(f"{name}: {entry!r} is not a host, host:port or *.domain")
     if config.window_margin >= config.stream_window:
         problems.append("window_margin: must be shorter than stream_window")
     if config.lease < 3 * config.flush_interval:

@@ -92,6 +92,8 @@ class BotService:
         """Record a new message, start its answer and return the first stream reply, without waiting on Dify."""
         sid = new_id()
         inbound = read_message(callback, self.bot)
+        if inbound.refusal:
+            return stream_reply(sid, inbound.refusal, finish=True)
         if not inbound.text and not inbound.media:
             return stream_reply(sid, texts.EMPTY, finish=True)
         winner = await self.dedupe.claim(self.bot.key, callback.msgid, sid, self.config.msgid_ttl)

@@ -19,7 +19,6 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 import tornado.ioloop
-from tornado.httpclient import AsyncHTTPClient
 
 from laibao.auth import AuthService, AuthUnavailable, Credential, NotAuthorized, lookup, nest
 from laibao.config import Config
@@ -27,6 +26,7 @@ from stores.tokens import MemoryTokenCache, RedisTokenCache
 from stores.users import MemoryUserStore, MySQLUserStore, User
 from tests.authstub import SECRET_KEY, Answer, AuthStub, bot, make_config
 from tests.clock import FakeClock
+from tests.conftest import make_outbound
 from tests.harness import eventually
 from tests.servers import RedisServer
 
@@ -55,7 +55,7 @@ class World:
             config,
             MySQLUserStore(config.mysql_url, KEY),
             RedisTokenCache(config.redis_url),
-            AsyncHTTPClient(force_instance=True),
+            make_outbound(),
             clock=clock,
         )
         await service.start()
@@ -111,7 +111,7 @@ async def let_redis_pass(redis: aioredis.Redis, seconds: float, *keys: str) -> N
 async def test_open_mode_touches_no_store(io_loop: tornado.ioloop.IOLoop) -> None:
     # stores that fail on any use: open mode must not use them
     config = make_config(mysql_url="mysql://u:p@127.0.0.1:1/x", redis_url="redis://127.0.0.1:1/0")
-    http = AsyncHTTPClient(force_instance=True)
+    http = make_outbound()
     service = AuthService(config, MySQLUserStore(config.mysql_url, KEY, connect_timeout=0.2),
                           RedisTokenCache(config.redis_url, connect_timeout=0.2), http)
     try:
@@ -349,7 +349,7 @@ async def test_an_invalidation_during_a_fetch_keeps_it_out_of_the_process_cache(
 async def test_memory_backends_work_for_one_process(world: World) -> None:
     memory = MemoryUserStore()
     await memory.add(USERS[0])
-    http = AsyncHTTPClient(force_instance=True)
+    http = make_outbound()
     service = AuthService(dataclasses.replace(world.config, redis_url="", mysql_url=""), memory,
                           MemoryTokenCache(), http)
     try:

@@ -178,7 +178,7 @@ async def test_redis_restart_mid_answer(redis_server: RedisServer, redis_url: st
             ready = await http.fetch(proc.base_url + "/readyz", raise_error=False)
             assert ready.code == 503 and ready.body.startswith(b"redis: ")
             dify.release()  # the ending arrives: its write fails, the relay keeps the text
-            kept = "store write failed, text kept for retry"  # the warning the README tells operators to expect
+            kept = "streams failed, text kept for retry"  # the warning the README tells operators to expect
             await eventually(lambda: kept in proc.log(), "the relay keeps the text")
             metrics = (await http.fetch(proc.base_url + "/metrics")).body.decode()
             errors = [line for line in metrics.splitlines() if line.startswith("laibao_store_errors_total ")]

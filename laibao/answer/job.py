@@ -16,8 +16,6 @@ from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from tornado.httpclient import AsyncHTTPClient
-
 from laibao import texts
 from laibao.answer.difyapp import CHAT_MODES, DifyApp
 from laibao.answer.render import explain_failure, fit, render_answer
@@ -28,6 +26,7 @@ from laibao.auth import AuthUnavailable, Credential
 from laibao.config import BotConfig, Config
 from laibao.crypto import WeComCrypto
 from laibao.delivery import post_markdown
+from laibao.dify import error_label
 from laibao.errors import AuthError, DifyError, DifyHTTPError, StoreError
 from laibao.media import (
     MediaError,
@@ -40,6 +39,7 @@ from laibao.media import (
     think_blocks,
 )
 from laibao.metrics import Metrics
+from laibao.outbound import Outbound
 from laibao.sse import MessageDelta, MessageEnd, MessageFile, MessageReplace
 from stores.base import DONE, ERROR, ConversationStore, StreamSession, StreamStore
 from stores.turns_store import InFlight, TurnQueue
@@ -58,7 +58,7 @@ FLAGS_BUDGET = 5.0  # seconds a /stop-flag read is retried: missing a /stop note
 class WeComFiles:
     """Where a message's media and its response_url delivery go: the shared HTTP client and the bot's key."""
 
-    http: AsyncHTTPClient
+    http: Outbound
     crypto: WeComCrypto
     max_bytes: int
     response_url_retries: int
@@ -169,7 +169,7 @@ class AnswerJob:
             log.warning("stream %s: another process owns it now; this answer stops", session.sid)
         except (DifyError, MediaError, AuthError) as exc:
             if isinstance(exc, DifyError):
-                self.metrics.dify_errors.labels(self.bot.key, _error_code(exc)).inc()
+                self.metrics.dify_errors.labels(self.bot.key, error_label(exc)).inc()
             log.warning("stream %s: failed: %s", session.sid, exc)
             await self._fail(explain_failure(exc, self.bot))
         except StoreError as exc:
@@ -435,10 +435,3 @@ class AnswerJob:
             except StoreError as exc:
                 log.warning("stream %s: heartbeat failed: %s", sid, exc)
 
-
-def _error_code(exc: DifyError) -> str:
-    """A bounded label for the Dify error metric."""
-    code = getattr(exc, "code", "") or ""
-    if code:
-        return str(code)[:40]
-    return type(exc).__name__
