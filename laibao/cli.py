@@ -76,11 +76,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = _load(args)
     except ConfigError as exc:
-        for problem in exc.problems:
-            print(f"laibao: config: {problem}", file=sys.stderr)
         if args.config is None and not Path(".env").exists() and not any(k.startswith("LAIBAO_") for k in os.environ):
+            # A first run: one line with the way forward, not a list of every required setting.
             print("laibao: no configuration here (no .env, no LAIBAO_* variables): run `laibao init` "
                   "(or `make init`) to write a first .env", file=sys.stderr)
+            return EXIT_USAGE
+        for problem in exc.problems:
+            print(f"laibao: config: {problem}", file=sys.stderr)
         return EXIT_USAGE
     if args.command == "serve":
         from laibao.app import configure_logging, serve

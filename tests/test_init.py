@@ -140,9 +140,9 @@ def test_init_refuses_bad_input_and_writes_nothing(bare: Path, capsys: pytest.Ca
 
 def test_a_first_run_without_configuration_points_to_init(bare: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["serve"]) == 2
-    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+    assert capsys.readouterr().err.splitlines() == [
         "laibao: no configuration here (no .env, no LAIBAO_* variables): run `laibao init` (or `make init`) "
-        "to write a first .env")
+        "to write a first .env"]
     # Once there is configuration, a problem in it is reported without the first-run hint.
     (bare / ".env").write_text("LAIBAO_WECOM_TOKEN=x\n")
     assert main(["serve"]) == 2
