@@ -89,6 +89,7 @@ class Config:
     log_content: bool = False  # message and answer text in logs (debugging only)
     max_clock_skew: float = 600.0  # callbacks whose timestamp is further from now are refused
     shutdown_grace: float = 20.0
+    shutdown_delay: float = 2.0  # after SIGTERM keep accepting this long: load balancers see /readyz 503 first
     auth_url: str = ""
     auth_timeout: float = 5.0
     auth_code_field: str = "code"
@@ -187,6 +188,7 @@ _GLOBAL_PARSERS: dict[str, Parser] = {
     "max_body_bytes": _int,
     "max_clock_skew": _float,
     "shutdown_grace": _float,
+    "shutdown_delay": _float,
     "auth_url": _str,
     "auth_timeout": _float,
     "auth_code_field": _str,

@@ -127,7 +127,7 @@ def test_compose_runs_redis_mariadb_three_replicas_and_haproxy(tmp_path: Path) -
     assert {"LAIBAO_REDIS_URL", "LAIBAO_MYSQL_URL"} <= set(env)
     # The drain fits in Docker's stop timeout (its default, 10 s, would not).
     grace = re.fullmatch(r"(\d+)s", laibao["stop_grace_period"])
-    assert grace and int(grace[1]) > default("shutdown_grace") + 5
+    assert grace and int(grace[1]) > max(default("shutdown_grace"), default("shutdown_delay")) + 5
     assert {"redis", "mariadb"} <= set(laibao["depends_on"])
     # The MySQL URL names MariaDB's user and database.
     mariadb = services["mariadb"]["environment"]
@@ -232,7 +232,8 @@ def test_kubernetes_objects_agree_with_laibao_and_each_other(io_loop: IOLoop) ->
     # Stopping: preStop covers endpoint propagation, then the drain, all within the grace period.
     pre_stop = container["lifecycle"]["preStop"]["exec"]["command"]
     assert pre_stop[0] == "sleep" and 3 <= int(pre_stop[1]) <= 15
-    assert pod["spec"]["terminationGracePeriodSeconds"] > int(pre_stop[1]) + config.shutdown_grace + 5
+    stopping = int(pre_stop[1]) + max(config.shutdown_grace, config.shutdown_delay)
+    assert pod["spec"]["terminationGracePeriodSeconds"] > stopping + 5
 
     # Three replicas, disruptions one at a time, scaling on CPU from three; all select the same pods.
     labels = pod["metadata"]["labels"]
