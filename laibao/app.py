@@ -120,7 +120,8 @@ async def serve(config: Config) -> None:
     log.info("draining: %d relays get %.0f s to finish", len(runtime.tasks), config.shutdown_grace)
     # Draining: /readyz answers 503, so the load balancer stops sending traffic, while polls that still
     # arrive are answered; new messages are recorded unowned and taken by the first other process polled.
-    released = await runtime.tasks.drain(config.shutdown_grace)
+    # A load balancer notices /readyz only at its next check: until then keep accepting, even when idle.
+    released, _ = await asyncio.gather(runtime.tasks.drain(config.shutdown_grace), asyncio.sleep(config.shutdown_delay))
     server.stop()
     log.info("stopped accepting; %d unfinished relays released to other processes", released)
     await runtime.close()

@@ -96,6 +96,7 @@ class Config:
     log_content: bool = False  # message and answer text in logs (debugging only)
     max_clock_skew: float = 600.0  # callbacks whose timestamp is further from now are refused
     shutdown_grace: float = 20.0
+    shutdown_delay: float = 2.0  # after SIGTERM keep accepting this long: load balancers see /readyz 503 first
     auth_url: str = ""
     auth_timeout: float = 5.0
     auth_admit_timeout: float = 0.5  # the callback path waits at most this long for a user's record
@@ -207,6 +208,7 @@ _GLOBAL_PARSERS: dict[str, Parser] = {
     "body_timeout": _float,
     "max_clock_skew": _float,
     "shutdown_grace": _float,
+    "shutdown_delay": _float,
     "auth_url": _str,
     "auth_timeout": _float,
     "auth_admit_timeout": _float,

@@ -118,8 +118,8 @@ async def follow(wecoms: list[WeCom], stream_id: str, limit: int = 400, pause: f
 class LaibaoProcess:
     """A real `laibao serve` process on a free port, logging to a file."""
 
-    def __init__(self, workdir: Path, name: str, env: Mapping[str, str]) -> None:
-        self.port = free_port()
+    def __init__(self, workdir: Path, name: str, env: Mapping[str, str], port: int | None = None) -> None:
+        self.port = port or free_port()
         self.name = name
         self.log_path = workdir / f"{name}.log"
         full_env = {k: v for k, v in os.environ.items() if not k.startswith("LAIBAO_")}
