@@ -126,6 +126,11 @@ async def _check(config: Config) -> int:
                 failed = True
             else:
                 print(f"dify {label}: ok, app mode {info.get('mode', '?')}")
+            if bot.config.websocket:
+                # Reported from the lease only: a subscribe here would displace the production connection.
+                line = await runtime.ws.describe(bot.config.key, label)
+                print(line)
+                failed = failed or "FAILED" in line
     finally:
         await runtime.close()
     return 1 if failed else 0

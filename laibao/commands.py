@@ -64,6 +64,14 @@ def _quoted_text(quote: Any) -> str:
     return ""
 
 
+def _with_key(media: dict[str, str], body: Any) -> dict[str, str]:
+    """A media entry with the item's own ``aeskey`` (long-connection mode encrypts each item with its own)."""
+    key = body.get("aeskey") if isinstance(body, Mapping) else None
+    if isinstance(key, str) and key:
+        media["aeskey"] = key
+    return media
+
+
 def _mixed_items(body: Mapping[str, Any]) -> list[tuple[str, str]]:
     """(text, image url) pairs of a mixed message's items; one side is always ""."""
     items = body.get("msg_item")
@@ -92,13 +100,18 @@ def read_message(callback: Callback, bot: BotConfig) -> Inbound:
         body = raw.get("mixed")
         pairs = _mixed_items(body) if isinstance(body, Mapping) else []
         text = " ".join(t for t, _ in pairs if t)
-        media = [{"kind": "image", "url": url} for _, url in pairs if url]
+        images = [item.get("image") for item in body.get("msg_item") or [] if isinstance(item, Mapping)
+                  and item.get("msgtype") == "image"] if isinstance(body, Mapping) else []
+        urls = [url for _, url in pairs if url]
+        media = [_with_key({"kind": "image", "url": url},
+                           next((i for i in images if isinstance(i, Mapping) and i.get("url") == url), None))
+                 for url in urls]
     elif callback.msgtype in ("image", "file", "video"):
         body = raw.get(callback.msgtype)
         url = body.get("url") if isinstance(body, Mapping) else None
         text = ""
         if isinstance(url, str) and url:
-            media = [{"kind": callback.msgtype, "url": url}]
+            media = [_with_key({"kind": callback.msgtype, "url": url}, body)]
     else:
         text = callback.text
     if callback.is_group:

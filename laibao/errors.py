@@ -10,7 +10,9 @@
     │   ├── DifyTimeoutError   connect timeout, idle watchdog or total ceiling
     │   └── DifyStreamError    malformed SSE, an `error` event, or EOF without a terminal event
     ├── StoreError             Redis / MySQL unavailable or misbehaving
-    └── AuthError              the user could not be authenticated
+    ├── AuthError              the user could not be authenticated
+    └── LongConnectionError    the WeCom long connection is gone, or WeCom refused a frame
+        └── FrameRefused       a frame's ack carried a non-zero errcode
 
 Third-party exceptions are mapped onto this tree at the boundary with ``raise ... from exc``.
 Messages are for operators and never contain secrets.
@@ -97,3 +99,16 @@ class StoreError(LaibaoError):
 
 class AuthError(LaibaoError):
     """The user could not be authenticated."""
+
+
+class LongConnectionError(LaibaoError):
+    """The WeCom long connection is closed, timed out, or refused a frame."""
+
+
+class FrameRefused(LongConnectionError):
+    """WeCom acknowledged a frame with a non-zero errcode."""
+
+    def __init__(self, cmd: str, errcode: int, errmsg: str = "") -> None:
+        self.cmd = cmd
+        self.errcode = errcode
+        super().__init__(f"WeCom refused {cmd}: errcode {errcode} {errmsg[:100]}".rstrip())

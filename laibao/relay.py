@@ -13,7 +13,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,7 +22,7 @@ from tornado.httpclient import AsyncHTTPClient
 from laibao import texts
 from laibao.auth import AuthService, AuthUnavailable, Credential, NotAuthorized
 from laibao.config import BotConfig, Config
-from laibao.crypto import WeComCrypto
+from laibao.crypto import WeComCrypto, media_item_crypto
 from laibao.delivery import post_markdown
 from laibao.dify import DifyClient
 from laibao.errors import AuthError, DifyError, DifyHTTPError, StoreError
@@ -278,6 +278,8 @@ class BotDeps:
     metrics: Metrics
     auth: AuthService | None = None
     clock: Callable[[], float] = time.time
+    # Long-connection mode: delivers what callback mode sends through response_url (set by the runtime).
+    send_markdown: Callable[[StreamSession, str], Awaitable[None]] | None = None
 
     def scope_of(self, userid: str, chatid: str) -> str:
         """The conversation scope: the user in a single chat; the group, or the user in it, in groups."""
@@ -464,7 +466,8 @@ class Relay:
         parameters = await self.parameters(bearer)
         files = []
         for item in media:
-            data = await download_wecom_media(deps.http, item["url"], deps.crypto, deps.config.media_max_bytes,
+            crypto = media_item_crypto(item["aeskey"]) if item.get("aeskey") else deps.crypto
+            data = await download_wecom_media(deps.http, item["url"], crypto, deps.config.media_max_bytes,
                                               timeout=30.0)
             kind = sniff(data, item.get("kind", ""))
             dify_type = check_upload(kind, len(data), parameters)
@@ -553,6 +556,10 @@ class Relay:
 
     async def _deliver(self, session: StreamSession, content: str) -> None:
         """Send ``content`` through the message's response_url (once)."""
+        if self.deps.send_markdown is not None and content.strip():
+            # Long-connection mode: no response_url; the bot's connection sends it, wherever it is held.
+            await self.deps.send_markdown(session, content)
+            return
         if not session.response_url or not content.strip():
             return
         # One response_url message holds 20480 bytes too, and it can be used only once.

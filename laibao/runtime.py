@@ -12,6 +12,7 @@ from laibao.config import BotConfig, Config
 from laibao.crypto import WeComCrypto
 from laibao.dify import DifyClient
 from laibao.errors import StoreError
+from laibao.longconn import LongConnections, unused_crypto
 from laibao.metrics import Metrics
 from laibao.relay import BotDeps, RelayTasks
 from laibao.service import BotService
@@ -21,6 +22,7 @@ from stores.redis_store import RedisStores
 from stores.tokens import open_token_cache
 from stores.turns_store import MemoryTurns, RedisTurns, Turns, session_status
 from stores.users import open_user_store
+from stores.ws_store import MemoryWsStore, RedisWsStore
 
 log = logging.getLogger("laibao.runtime")
 
@@ -65,11 +67,15 @@ class Runtime:
                 idle_timeout=config.dify_idle_timeout,
                 total_timeout=config.dify_total_timeout,
             )
-            crypto = WeComCrypto(bot.token, bot.aes_key, bot.receive_id)
+            crypto = WeComCrypto(bot.token, bot.aes_key, bot.receive_id) if not bot.websocket else unused_crypto()
             deps = BotDeps(bot=bot, stores=stores, turns=turns, media=media, dify=dify, http=http, crypto=crypto,
                            config=config, tasks=self.tasks, metrics=self.metrics,
                            auth=self.auth if bot.auth != "open" else None)
             self.bots[bot.name] = BotRuntime(bot, crypto, BotService(deps))
+        # Long-connection bots: one process of the cluster holds each one's WeCom connection.
+        ws_store = RedisWsStore(stores.client) if isinstance(stores, RedisStores) else MemoryWsStore()
+        self.ws = LongConnections(config, {name: bot.service for name, bot in self.bots.items()}, ws_store,
+                                  self.metrics.registry)
 
     @classmethod
     def build(cls, config: Config) -> Runtime:
@@ -82,6 +88,7 @@ class Runtime:
         """Start background listeners (token invalidations from other processes)."""
         if self.auth is not None:
             await self.auth.start()
+        self.ws.start()
 
     @property
     def draining(self) -> bool:
@@ -106,6 +113,7 @@ class Runtime:
 
     async def close(self, grace: float = 0.0) -> None:
         """Let relays finish for up to ``grace`` seconds, then close the clients."""
+        await self.ws.stop()
         cancelled = await self.tasks.drain(grace)
         if cancelled:
             log.warning("%d relays were still running at shutdown", cancelled)

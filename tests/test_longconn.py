@@ -1,0 +1,212 @@
+"""Long-connection mode in one process: configuration, messages, pushing, fallbacks, events and /api/send."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from tornado.httpclient import HTTPResponse
+from tornado.ioloop import IOLoop
+
+from laibao.config import Config, load_config
+from laibao.errors import ConfigError
+from tests.difystub import Script
+from tests.harness import Service, eventually, running_service
+from tests.wsstub import EXPIRED, WsStub
+
+ANSWER = "长连接模式的回答：一段一段地推送给企业微信。"
+PIECES = ["长连接模式的回答：", "一段一段地", "推送给", "企业微信。"]
+API_KEY = "api-key-for-tests"
+
+
+def ws_env(dify_url: str, ws_url: str, redis_url: str = "", **extra: str) -> dict[str, str]:
+    env = {
+        "LAIBAO_WECOM_MODE": "websocket",
+        "LAIBAO_WECOM_BOT_ID": "BOT",
+        "LAIBAO_WECOM_BOT_SECRET": "SECRET",
+        "LAIBAO_WECOM_WS_URL": ws_url,
+        "LAIBAO_DIFY_URL": dify_url,
+        "LAIBAO_DIFY_KEY": "app-test-key",
+        "LAIBAO_NODE_ID": "test-node",
+        "LAIBAO_WS_PUSH_INTERVAL": "0.05",
+        "LAIBAO_API_KEY": API_KEY,
+    }
+    if redis_url:
+        env["LAIBAO_REDIS_URL"] = redis_url
+    env.update(extra)
+    return env
+
+
+def ws_message(text: str, msgid: str = "msg-1", user: str = "zhangsan", **extra: Any) -> dict[str, Any]:
+    """An aibot_msg_callback body (no response_url needed: replies use the req_id)."""
+    body: dict[str, Any] = {"msgid": msgid, "aibotid": "BOT", "chattype": "single", "from": {"userid": user},
+                            "msgtype": "text", "text": {"content": text}}
+    body.update(extra)
+    return body
+
+
+# --- configuration ---
+
+
+def test_a_websocket_bot_needs_id_and_secret_one_line_each() -> None:
+    env = {"LAIBAO_WECOM_MODE": "websocket", "LAIBAO_DIFY_URL": "http://d/v1", "LAIBAO_DIFY_KEY": "k"}
+    with pytest.raises(ConfigError) as info:
+        load_config(environ=env, dotenv=None)
+    assert info.value.problems == ["LAIBAO_WECOM_BOT_ID: required", "LAIBAO_WECOM_BOT_SECRET: required"]
+
+
+def test_websocket_settings_are_read_and_checked() -> None:
+    env = ws_env("http://d/v1", "ws://127.0.0.1:1/")
+    config = load_config(environ=env, dotenv=None)
+    (bot,) = config.bots
+    assert (bot.mode, bot.bot_id, bot.ws_url, bot.token) == ("websocket", "BOT", "ws://127.0.0.1:1/", "")
+    assert config.ws_push_interval == 0.05 and config.api_key == API_KEY
+    assert "SECRET" not in repr(config) and API_KEY not in repr(config)
+    default = load_config(environ={k: v for k, v in env.items() if k != "LAIBAO_WECOM_WS_URL"}, dotenv=None)
+    assert default.bots[0].ws_url == "wss://openws.work.weixin.qq.com"
+    with pytest.raises(ConfigError) as info:
+        load_config(environ=dict(env, LAIBAO_WECOM_WS_URL="http://x", LAIBAO_WECOM_MODE="socket"), dotenv=None)
+    assert "LAIBAO_WECOM_MODE: expected one of callback, websocket, got 'socket'" in info.value.problems
+    with pytest.raises(ConfigError) as info:
+        load_config(environ=dict(env, LAIBAO_WECOM_WS_URL="http://x"), dotenv=None)
+    assert info.value.problems == ["LAIBAO_WECOM_WS_URL: must be a ws:// or wss:// URL, got 'http://x'"]
+
+
+# --- one process, the in-process store ---
+
+
+@pytest.fixture
+def ws(io_loop: IOLoop) -> Iterator[WsStub]:
+    stub = WsStub()
+    io_loop.run_sync(stub.start)
+    yield stub
+    io_loop.run_sync(stub.stop)
+
+
+@pytest.fixture
+def svc(io_loop: IOLoop, ws: WsStub) -> Iterator[Service]:
+    def configure(dify_url: str) -> Config:
+        return load_config(environ=ws_env(dify_url, ws.url), dotenv=None)
+
+    with running_service(io_loop, "", configure=configure) as service:
+        io_loop.run_sync(lambda: eventually(lambda: ws.connected() == 1, "laibao subscribed"))
+        yield service
+
+
+def stream_frames(ws: WsStub, req_id: str) -> list[dict[str, Any]]:
+    return [r.body["stream"] for r in ws.frames("aibot_respond_msg", req_id)]
+
+
+async def finished(ws: WsStub, req_id: str) -> list[dict[str, Any]]:
+    """Wait for the finishing frame of a message; every stream frame on its req_id."""
+    await eventually(lambda: any(f["finish"] for f in stream_frames(ws, req_id)), "the finishing frame")
+    return stream_frames(ws, req_id)
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_a_message_is_answered_with_cumulative_frames_and_a_finish(svc: Service, ws: WsStub) -> None:
+    gate = asyncio.Event()
+    svc.dify.push(Script(answer=ANSWER, hold=gate))
+    req_id = await ws.push_message(ws_message("你好"))
+    await eventually(lambda: len(stream_frames(ws, req_id)) >= 2, "the placeholder and some text")
+    gate.set()
+    frames = await finished(ws, req_id)
+    assert frames[0]["content"] == "正在思考…" and frames[0]["feedback"]["id"] == frames[0]["id"]
+    assert all("feedback" not in f for f in frames[1:])
+    texts = [f["content"] for f in frames[1:]]
+    assert all(b.startswith(a) for a, b in itertools.pairwise(texts)), texts  # cumulative
+    assert len(set(texts[:-1])) == len(texts[:-1])  # only on change (the finish may repeat the last text)
+    assert [f["finish"] for f in frames] == [False] * (len(frames) - 1) + [True]
+    assert frames[-1]["content"] == ANSWER
+    assert {f["id"] for f in frames} == {frames[0]["id"]}
+    assert svc.dify.chat_calls[-1].json["query"] == "你好"
+    assert ws.unordered == 0
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_frames_of_one_req_id_wait_for_the_previous_ack(svc: Service, ws: WsStub) -> None:
+    ws.ack_delay = 0.2  # slower acks than the push interval
+    svc.dify.push(Script(answer=ANSWER, deltas=PIECES, cut=(4096,), delay=0.05))
+    req_id = await ws.push_message(ws_message("慢一点"))
+    frames = await finished(ws, req_id)
+    assert frames[-1]["content"] == ANSWER
+    assert ws.unordered == 0
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_the_same_msgid_twice_calls_dify_once(svc: Service, ws: WsStub) -> None:
+    svc.dify.push(Script(answer=ANSWER, deltas=PIECES, cut=(4096,), delay=0.05), Script(answer="第二次不该出现"))
+    first = await ws.push_message(ws_message("重复", msgid="same"))
+    second = await ws.push_message(ws_message("重复", msgid="same"))
+    frames = await finished(ws, first)
+    assert frames[-1]["content"] == ANSWER
+    await asyncio.sleep(0)  # the repeat was handled on arrival; nothing of it may reach Dify
+    assert len(svc.dify.chat_calls) == 1
+    assert all(f["id"] == frames[0]["id"] for f in stream_frames(ws, second))
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_a_command_is_answered_with_one_finished_frame(svc: Service, ws: WsStub) -> None:
+    req_id = await ws.push_message(ws_message("/help"))
+    frames = await finished(ws, req_id)
+    assert len(frames) == 1 and frames[0]["content"].startswith("直接发送问题即可")
+    assert svc.dify.chat_calls == []
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_an_expired_stream_falls_back_to_send_msg(svc: Service, ws: WsStub) -> None:
+    ws.stream_errcode = EXPIRED
+    svc.dify.push(Script(answer=ANSWER, deltas=PIECES, cut=(4096,), delay=0.05))
+    req_id = await ws.push_message(ws_message("超时了", user="lisi"))
+    await eventually(lambda: ws.frames("aibot_send_msg"), "the answer sent with aibot_send_msg")
+    (sent,) = ws.frames("aibot_send_msg")
+    assert sent.body == {"chatid": "lisi", "msgtype": "markdown", "markdown": {"content": ANSWER}}
+    assert len(stream_frames(ws, req_id)) == 1  # the refused placeholder; no more stream frames after it
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_enter_chat_gets_the_welcome_on_its_req_id(svc: Service, ws: WsStub) -> None:
+    req_id = await ws.push_event({"msgid": "e1", "aibotid": "BOT", "from": {"userid": "zhangsan"},
+                                  "msgtype": "event", "event": {"eventtype": "enter_chat"}})
+    await eventually(lambda: ws.frames("aibot_respond_welcome_msg", req_id), "the welcome")
+    (welcome,) = ws.frames("aibot_respond_welcome_msg", req_id)
+    assert welcome.body["msgtype"] == "text" and welcome.body["text"]["content"]
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_feedback_reaches_dify(svc: Service, ws: WsStub) -> None:
+    svc.dify.push(Script(answer=ANSWER))
+    req_id = await ws.push_message(ws_message("评价我"))
+    sid = (await finished(ws, req_id))[0]["id"]
+    await ws.push_event({"msgid": "e2", "aibotid": "BOT", "from": {"userid": "zhangsan"}, "msgtype": "event",
+                         "event": {"eventtype": "feedback_event", "feedback_event": {"id": sid, "type": 1}}})
+    await eventually(lambda: len(svc.dify.feedbacks) == 1, "the feedback at Dify")
+    assert svc.dify.feedbacks[0]["rating"] == "like" and svc.dify.feedbacks[0]["user"] == "wecom:zhangsan"
+
+
+async def api_send(svc: Service, body: Any, key: str = API_KEY) -> HTTPResponse:
+    return await svc.wecom.http.fetch(svc.wecom.base_url + "/api/send", method="POST",
+                                      body=json.dumps(body), headers={"Authorization": f"Bearer {key}"},
+                                      raise_error=False)
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_api_send_and_the_callback_path(svc: Service, ws: WsStub) -> None:
+    bad = await api_send(svc, {"bot": "", "chatid": "wangwu", "markdown": "通知"}, key="wrong")
+    assert bad.code == 401
+    assert (await api_send(svc, {"bot": "", "chatid": "wangwu"})).code == 400
+    assert (await api_send(svc, {"bot": "nope", "chatid": "wangwu", "markdown": "x"})).code == 404
+    ok = await api_send(svc, {"bot": "", "chatid": "wangwu", "markdown": "**通知**"})
+    assert (ok.code, json.loads(ok.body)) == (200, {"errcode": 0, "errmsg": "ok"})
+    (sent,) = ws.frames("aibot_send_msg")
+    assert sent.body == {"chatid": "wangwu", "msgtype": "markdown", "markdown": {"content": "**通知**"}}
+    ws.errcodes["aibot_send_msg"] = 45009
+    refused = await api_send(svc, {"bot": "default", "chatid": "wangwu", "markdown": "再来"})
+    assert refused.code == 502 and json.loads(refused.body)["errcode"] == 45009
+    callback = await svc.wecom.http.fetch(svc.wecom.base_url + "/wecom/callback?msg_signature=a&timestamp=1&nonce=n",
+                                          method="POST", body=b"{}", raise_error=False)
+    assert callback.code == 404
