@@ -35,6 +35,7 @@ log = logging.getLogger("laibao.longconn")
 
 ACK_TIMEOUT = 5.0  # WeCom acks within this; the official SDK waits as long
 CONNECT_TIMEOUT = 10.0
+ACQUIRE_POLL = 1.0  # seconds between tries for a lease another process holds
 BACKOFF_FIRST, BACKOFF_MAX = 1.0, 30.0
 SEND_WAIT = 5.0  # /api/send: how long a request may wait for some process to take it
 DISPLACED = "disconnected_event"
@@ -219,7 +220,8 @@ class Holder:
         return self._stopping.is_set()
 
     async def _run(self) -> None:
-        period = self.config.ws_lease / 3
+        # A free lease (released on SIGTERM) is noticed within a second; an expired one within its TTL + 1 s.
+        period = min(self.config.ws_lease / 3, ACQUIRE_POLL)
         while not self._stopping.is_set():
             try:
                 left = await self.store.standing_down(self.key)

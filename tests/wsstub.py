@@ -274,6 +274,7 @@ class ForeignClient:
                                                  "body": {"bot_id": self.stub.bot_id, "secret": self.stub.secret}}))
             while await self._conn.read_message() is not None:
                 pass
+            self._conn.close()
             if not self.resubscribe:
                 return
             await asyncio.sleep(0.2)
