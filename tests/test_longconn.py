@@ -5,16 +5,20 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import os
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
+import redis.asyncio
 from tornado.httpclient import HTTPResponse
 from tornado.ioloop import IOLoop
 
 from laibao.config import Config, load_config
 from laibao.errors import ConfigError
-from tests.difystub import Script
+from tests.difystub import DifyStub, Script
 from tests.harness import Service, eventually, running_service
 from tests.wsstub import EXPIRED, WsStub
 
@@ -168,6 +172,30 @@ async def test_an_expired_stream_falls_back_to_send_msg(svc: Service, ws: WsStub
     assert len(stream_frames(ws, req_id)) == 1  # the refused placeholder; no more stream frames after it
 
 
+@pytest.fixture
+def short_window(io_loop: IOLoop, ws: WsStub) -> Iterator[Service]:
+    def configure(dify_url: str) -> Config:
+        env = ws_env(dify_url, ws.url, LAIBAO_STREAM_WINDOW="3", LAIBAO_WINDOW_MARGIN="1")
+        return load_config(environ=env, dotenv=None)
+
+    with running_service(io_loop, "", configure=configure) as service:
+        io_loop.run_sync(lambda: eventually(lambda: ws.connected() == 1, "laibao subscribed"))
+        yield service
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_an_answer_past_the_window_follows_with_send_msg(short_window: Service, ws: WsStub) -> None:
+    gate = asyncio.Event()
+    short_window.dify.push(Script(answer=ANSWER, deltas=PIECES, hold=gate, ping_every=0.2))
+    req_id = await ws.push_message(ws_message("很长的回答", user="zhaoliu"))
+    frames = await finished(ws, req_id)  # closed before WeCom's (scaled) window, with a note
+    assert frames[-1]["content"].startswith(ANSWER) and "稍后单独发送" in frames[-1]["content"]
+    gate.set()
+    await eventually(lambda: ws.frames("aibot_send_msg"), "the whole answer with aibot_send_msg")
+    (sent,) = ws.frames("aibot_send_msg")
+    assert sent.body == {"chatid": "zhaoliu", "msgtype": "markdown", "markdown": {"content": ANSWER}}
+
+
 @pytest.mark.gen_test(timeout=30)
 async def test_enter_chat_gets_the_welcome_on_its_req_id(svc: Service, ws: WsStub) -> None:
     req_id = await ws.push_event({"msgid": "e1", "aibotid": "BOT", "from": {"userid": "zhangsan"},
@@ -210,3 +238,23 @@ async def test_api_send_and_the_callback_path(svc: Service, ws: WsStub) -> None:
     callback = await svc.wecom.http.fetch(svc.wecom.base_url + "/wecom/callback?msg_signature=a&timestamp=1&nonce=n",
                                           method="POST", body=b"{}", raise_error=False)
     assert callback.code == 404
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_check_reports_the_lease_holder_without_subscribing(ws: WsStub, stub: DifyStub, redis_url: str,
+                                                                  tmp_path: Path) -> None:
+    client = redis.asyncio.Redis.from_url(redis_url, decode_responses=True)
+    try:
+        await client.set("laibao:ws:default:leader", "node-x", px=60000)
+        await client.set("laibao:ws:default:term", "7", px=60000)
+    finally:
+        await client.aclose()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LAIBAO_")}
+    env.update(ws_env(stub.base_url, ws.url, redis_url))
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "laibao.cli", "check", cwd=tmp_path, env=env,
+                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    out, _ = await proc.communicate()
+    text = out.decode()
+    assert proc.returncode == 0, text
+    assert "websocket (environment bot): held by node-x (lease token 7," in text
+    assert ws.received == [] and ws.subscribes == []  # a check must never displace the production connection
