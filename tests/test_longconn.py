@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import itertools
 import json
 import os
@@ -17,6 +18,7 @@ from tornado.httpclient import HTTPResponse
 from tornado.ioloop import IOLoop
 
 from laibao.config import Config, load_config
+from laibao.crypto import media_item_crypto
 from laibao.errors import ConfigError
 from tests.difystub import DifyStub, Script
 from tests.harness import Service, eventually, running_service
@@ -25,6 +27,7 @@ from tests.wsstub import EXPIRED, WsStub
 ANSWER = "长连接模式的回答：一段一段地推送给企业微信。"
 PIECES = ["长连接模式的回答：", "一段一段地", "推送给", "企业微信。"]
 API_KEY = "api-key-for-tests"
+PNG = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4
 
 
 def ws_env(dify_url: str, ws_url: str, redis_url: str = "", **extra: str) -> dict[str, str]:
@@ -258,3 +261,20 @@ async def test_check_reports_the_lease_holder_without_subscribing(ws: WsStub, st
     assert proc.returncode == 0, text
     assert "websocket (environment bot): held by node-x (lease token 7," in text
     assert ws.received == [] and ws.subscribes == []  # a check must never displace the production connection
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_media_is_decrypted_with_the_items_own_aeskey(svc: Service, ws: WsStub) -> None:
+    aeskey = base64.b64encode(os.urandom(32)).decode()  # WeCom may send it with or without the "=" padding
+    url = svc.dify.serve("ws-image", media_item_crypto(aeskey).encrypt_media(PNG))
+    svc.dify.push(Script(answer=ANSWER))
+    body = ws_message("", msgtype="mixed", mixed={"msg_item": [
+        {"msgtype": "text", "text": {"content": "图里是什么？"}},
+        {"msgtype": "image", "image": {"url": url, "aeskey": aeskey}}]})
+    frames = await finished(ws, await ws.push_message(body))
+    assert frames[-1]["content"] == ANSWER
+    (upload,) = svc.dify.uploads
+    assert (upload.data, upload.mime_type) == (PNG, "image/png")
+    (call,) = svc.dify.chat_calls
+    assert call.json["query"] == "图里是什么？"
+    assert call.json["files"] == [{"type": "image", "transfer_method": "local_file", "upload_file_id": upload.id}]
