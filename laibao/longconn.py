@@ -337,6 +337,7 @@ class Holder:
             await conn.close()
             return "failed"
         self.connection = conn
+        subscribed_at = time.monotonic()
         self.metrics.connected.labels(self.key).set(1)
         log.info("bot %s: subscribed to WeCom as %s", self.key, self.node)
         pusher = Pusher(conn, self.service, self.store, self.config, self.metrics.frames)
@@ -367,8 +368,10 @@ class Holder:
                     log.error("bot %s: another client outside this cluster took the WeCom connection; "
                               "the cluster stands down for %.0f s", self.key, self.config.ws_displaced_backoff)
                 return outcome
-        log.warning("bot %s: the WeCom connection closed", self.key)
-        return "served"
+        lived = time.monotonic() - subscribed_at
+        log.warning("bot %s: the WeCom connection closed after %.0f s", self.key, lived)
+        # Only a connection that lived a while resets the backoff: one closed at once must not loop.
+        return "served" if lived >= BACKOFF_MAX else "failed"
 
     async def _ping(self, conn: Connection) -> None:
         """A ping every interval; two missed acks in a row mean the socket is dead."""

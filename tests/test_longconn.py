@@ -20,6 +20,7 @@ from tornado.ioloop import IOLoop
 from laibao.config import Config, load_config
 from laibao.crypto import media_item_crypto
 from laibao.errors import ConfigError
+from laibao.runtime import Runtime
 from tests.difystub import DifyStub, Script
 from tests.harness import Service, eventually, running_service
 from tests.wsstub import EXPIRED, WsStub
@@ -278,3 +279,20 @@ async def test_media_is_decrypted_with_the_items_own_aeskey(svc: Service, ws: Ws
     (call,) = svc.dify.chat_calls
     assert call.json["query"] == "图里是什么？"
     assert call.json["files"] == [{"type": "image", "transfer_method": "local_file", "upload_file_id": upload.id}]
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_two_unanswered_pings_mean_a_dead_socket_and_a_reconnect(io_loop: IOLoop, ws: WsStub) -> None:
+    ws.silent_pings = True
+    env = ws_env("http://127.0.0.1:9/v1", ws.url, LAIBAO_WS_PING_INTERVAL="0.2")
+    runtime = Runtime.build(load_config(environ=env, dotenv=None))
+    await runtime.start()
+    try:
+        await eventually(lambda: len(ws.subscribed()) == 1, "the first subscribe")
+        first = ws.subscribed()[0].conn
+        await eventually(lambda: len(ws.subscribed()) == 2, "a reconnect after two missed pings")
+        pings = [r for r in ws.frames("ping") if r.conn == first]
+        assert len(pings) == 2  # no more pings on the dead socket after the second miss
+        assert b'laibao_ws_reconnects_total{bot="default"} 1.0' in runtime.metrics.render()
+    finally:
+        await runtime.close()

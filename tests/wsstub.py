@@ -88,6 +88,7 @@ class WsStub:
     secret: str = "SECRET"
     expiry: float = 360.0  # seconds a message's req_id accepts stream frames (WeCom: 6 minutes)
     ack_delay: float = 0.0  # seconds before a reply frame is acked (exposes frames sent before the ack)
+    silent_pings: bool = False  # a half-dead socket: pings are never acked
     stream_errcode: int = 0  # errcode for every aibot_respond_msg stream frame (e.g. 846608)
     errcodes: dict[str, int] = field(default_factory=dict)  # errcode per cmd for other frames
     received: list[Received] = field(default_factory=list)
@@ -199,7 +200,8 @@ class WsStub:
             conn.close()
             return
         if cmd == "ping":
-            conn.ack(received.req_id, 0)
+            if not self.silent_pings:
+                conn.ack(received.req_id, 0)
             return
         if cmd in ("aibot_respond_msg", "aibot_respond_welcome_msg", "aibot_respond_update_msg"):
             pushed = self._pushed.get(received.req_id)
