@@ -184,6 +184,7 @@ class Holder:
         self.key = bot.key
         self.node = config.node
         self.connection: Connection | None = None
+        self._pusher: Pusher | None = None
         self.token = 0
         self._lease_ok_until = 0.0  # monotonic: past this the lease may have passed on
         self._lost = asyncio.Event()  # the lease is (maybe) no longer ours
@@ -336,15 +337,14 @@ class Holder:
             log.warning("bot %s: subscribe failed: %s", self.key, exc)
             await conn.close()
             return "failed"
-        self.connection = conn
+        pusher = Pusher(conn, self.service, self.store, self.config, self.metrics.frames)
+        self.connection, self._pusher = conn, pusher
         subscribed_at = time.monotonic()
         self.metrics.connected.labels(self.key).set(1)
         log.info("bot %s: subscribed to WeCom as %s", self.key, self.node)
-        pusher = Pusher(conn, self.service, self.store, self.config, self.metrics.frames)
         workers = [self._spawn(self._ping(conn), f"ws-ping-{self.key}"),
                    self._spawn(pusher.run(), f"ws-push-{self.key}"),
                    self._spawn(self._serve_sends(conn), f"ws-send-{self.key}")]
-        self._pusher = pusher
         waits = {asyncio.ensure_future(e.wait()): name for e, name in
                  ((self._stopping, "stopping"), (self._lost, "lost"), (self._displaced, "displaced"),
                   (conn.closed, "closed"))}
@@ -353,7 +353,7 @@ class Holder:
         finally:
             for waiter in waits:
                 waiter.cancel()
-            self.connection = None
+            self.connection, self._pusher = None, None
             self.metrics.connected.labels(self.key).set(0)
             for worker in workers:
                 worker.cancel()
@@ -418,7 +418,7 @@ class Holder:
         stream = reply.get("stream") if reply else None
         if not isinstance(stream, dict):
             return
-        pusher = getattr(self, "_pusher", None)
+        pusher = self._pusher
         live = LiveStream(str(stream["id"]), req_id, callback.userid, callback.chatid, time.time())
         if stream.get("finish"):
             # Answered at once (a command, a refusal, a repeat of a finished message).
@@ -539,6 +539,8 @@ class LongConnections:
         if standing_down:
             return (f"websocket {label}: standing down for {standing_down:.0f} s more "
                     "(another client took the connection, or WeCom refused the bot id or secret)")
+        if holder is None and not self.config.redis_url:
+            return f"websocket {label}: no Redis: the one serving process holds the connection"
         if holder is None:
             return f"websocket {label}: no process holds the connection lease"
         node, token, left = holder

@@ -174,6 +174,9 @@ async def test_an_expired_stream_falls_back_to_send_msg(svc: Service, ws: WsStub
     (sent,) = ws.frames("aibot_send_msg")
     assert sent.body == {"chatid": "lisi", "msgtype": "markdown", "markdown": {"content": ANSWER}}
     assert len(stream_frames(ws, req_id)) == 1  # the refused placeholder; no more stream frames after it
+    metrics = svc.runtime.metrics.render().decode()
+    assert 'laibao_ws_frames_total{bot="default",cmd="aibot_respond_msg",errcode="846608"} 1.0' in metrics
+    assert 'laibao_ws_frames_total{bot="default",cmd="aibot_send_msg",errcode="0"} 1.0' in metrics
 
 
 @pytest.fixture
@@ -296,3 +299,22 @@ async def test_two_unanswered_pings_mean_a_dead_socket_and_a_reconnect(io_loop: 
         assert b'laibao_ws_reconnects_total{bot="default"} 1.0' in runtime.metrics.render()
     finally:
         await runtime.close()
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_a_holder_that_loses_its_lease_closes_its_connection(ws: WsStub, redis_url: str) -> None:
+    env = ws_env("http://127.0.0.1:9/v1", ws.url, redis_url, LAIBAO_WS_LEASE="1.5")
+    runtime = Runtime.build(load_config(environ=env, dotenv=None))
+    client = redis.asyncio.Redis.from_url(redis_url, decode_responses=True)
+    await runtime.start()
+    try:
+        await eventually(lambda: ws.connected() == 1, "subscribed")
+        assert await client.get("laibao:ws:default:leader") == "test-node"
+        # Another process's lease (as after a long pause of this one): this holder must let go.
+        await client.set("laibao:ws:default:leader", "node-elsewhere", px=60000)
+        await eventually(lambda: ws.connected() == 0, "the connection closed")
+        assert b'laibao_ws_connected{bot="default"} 0.0' in runtime.metrics.render()
+        assert len(ws.subscribes) == 1 and await client.get("laibao:ws:default:leader") == "node-elsewhere"
+    finally:
+        await runtime.close()
+        await client.aclose()

@@ -127,14 +127,20 @@ async def test_kill_9_of_the_holder_mid_answer_and_the_answer_completes(cluster:
 @pytest.mark.gen_test(timeout=90)
 async def test_sigterm_hands_the_connection_over_without_waiting_for_the_lease(cluster: WsCluster) -> None:
     holder = await cluster.holder()
-    cluster.dify.push(Script(answer="交接之前的回答。"))
+    gate = asyncio.Event()
+    cluster.dify.push(Script(answer="".join(PARTIAL), deltas=PARTIAL, hold=gate, ping_every=0.2))
     req_id = await cluster.ws.push_message(ws_message("交接", msgid="m-term"))
-    await eventually(lambda: any(f["finish"] for f in cluster.frames(req_id)), "the answer before")
+    await eventually(lambda: any(PARTIAL[-1] in f["content"] for f in cluster.frames(req_id)), "the partial answer")
     holder.signal(signal.SIGTERM)
     await cluster.holder(other_than=holder)
-    assert holder.proc.wait(timeout=30) == 0
     assert cluster.ws.overlaps == 0
     assert len(cluster.ws.subscribed()) == 2
+    # The draining process still relays the answer (its grace period); the new holder pushes it.
+    gate.set()
+    await eventually(lambda: any(f["finish"] for f in cluster.frames(req_id)), "the finishing frame")
+    assert cluster.frames(req_id)[-1]["content"] == "".join(PARTIAL)
+    assert len(cluster.dify.chat_calls) == 1
+    assert holder.proc.wait(timeout=30) == 0
     cluster.dify.push(Script(answer="交接之后的回答。"))
     after = await cluster.ws.push_message(ws_message("之后", msgid="m-after"))
     await eventually(lambda: any(f["finish"] for f in cluster.frames(after)), "the answer after")
