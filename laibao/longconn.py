@@ -207,6 +207,9 @@ class Holder:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+        if self._tasks:
+            # Messages being taken in finish their store writes (short); their answers are pushed by the next holder.
+            await asyncio.wait(set(self._tasks), timeout=5.0)
 
     def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
         task = asyncio.get_running_loop().create_task(coro, name=name)
@@ -224,6 +227,7 @@ class Holder:
         # A free lease (released on SIGTERM) is noticed within a second; an expired one within its TTL + 1 s.
         period = min(self.config.ws_lease / 3, ACQUIRE_POLL)
         while not self._stopping.is_set():
+            asked = time.monotonic()  # Redis starts the lease's TTL after this
             try:
                 left = await self.store.standing_down(self.key)
                 token = 0 if left else await self.store.acquire(self.key, self.node, self.config.ws_lease)
@@ -235,7 +239,7 @@ class Holder:
                     return
                 continue
             self.token = token
-            self._lease_ok_until = time.monotonic() + self.config.ws_lease * 2 / 3
+            self._lease_ok_until = asked + self.config.ws_lease * 2 / 3
             self._lost.clear()
             log.info("bot %s: this process holds the WeCom connection lease (token %d)", self.key, token)
             keeper = self._spawn(self._keep_lease(token), f"ws-lease-{self.key}")
@@ -394,16 +398,23 @@ class Holder:
 
     def _on_callback(self, cmd: str, req_id: str, body: Mapping[str, Any]) -> None:
         if cmd == "aibot_msg_callback":
-            self._spawn(self._message(req_id, body), f"ws-msg-{req_id}")
+            self._spawn(self._guarded(self._message(req_id, body)), f"ws-msg-{req_id}")
         elif cmd == "aibot_event_callback":
             event = body.get("event")
             kind = event.get("eventtype") if isinstance(event, Mapping) else None
             if kind == DISPLACED:
                 self._displaced.set()
             else:
-                self._spawn(self._event(req_id, body), f"ws-event-{req_id}")
+                self._spawn(self._guarded(self._event(req_id, body)), f"ws-event-{req_id}")
         else:
             log.info("bot %s: frame %r ignored", self.key, str(cmd)[:40])
+
+    async def _guarded(self, handling: Coroutine[Any, Any, None]) -> None:
+        """Run one frame's handling; a bug in it is logged, never left to kill the holder quietly."""
+        try:
+            await handling
+        except Exception:
+            log.exception("bot %s: handling a frame failed", self.key)
 
     async def _message(self, req_id: str, body: Mapping[str, Any]) -> None:
         """The same steps as a message callback; the reply goes out as stream frames on the message's req_id."""

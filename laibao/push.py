@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from prometheus_client import Counter
 
+from laibao import texts
 from laibao.config import Config
 from laibao.errors import FrameRefused, LongConnectionError, StoreError
 from laibao.service import BotService
@@ -112,12 +113,16 @@ class Pusher:
             stream = reply["stream"]
             finish = bool(stream["finish"])
             content = str(stream["content"])
+            if finish and not content.strip():
+                # An empty or blank finishing frame would erase what was shown, or fail to replace it.
+                content = texts.NO_ANSWER
             if fallback:
                 if finish:
-                    await self._fallback(live, content)
-                    await self._drop(live)
+                    if await self._fallback(live, content):
+                        await self._drop(live)
+                    # Otherwise the connection is gone: the stream stays registered for the next holder.
                     return
-            elif content != last or finish:
+            elif finish or (content != last and content.strip()):
                 body: dict[str, Any] = {"id": live.sid, "finish": finish, "content": content}
                 if not live.feedback_sent:
                     body["feedback"] = {"id": live.sid}
@@ -153,13 +158,19 @@ class Pusher:
                 return
             await asyncio.sleep(self._interval)
 
-    async def _fallback(self, live: LiveStream, content: str) -> None:
-        """The final answer as a markdown message to the user (single chat) or the group: never silently lost."""
+    async def _fallback(self, live: LiveStream, content: str) -> bool:
+        """The final answer as a markdown message to the user (single chat) or the group: never silently lost.
+
+        False when the connection failed (the next holder tries again); WeCom's refusal is final and logged.
+        """
         errcode, errmsg = await send_markdown(self._conn, live.chat or live.user, content)
+        if errcode == -1:
+            return False
         if errcode:
             log.error("stream %s: the final answer could not be sent either: %s", live.sid, errmsg)
         else:
             log.info("stream %s: the final answer went out with aibot_send_msg", live.sid)
+        return True
 
     async def _drop(self, live: LiveStream) -> None:
         self._done.add(live.sid)

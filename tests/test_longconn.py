@@ -17,6 +17,7 @@ import redis.asyncio
 from tornado.httpclient import HTTPResponse
 from tornado.ioloop import IOLoop
 
+from laibao import texts
 from laibao.config import Config, load_config
 from laibao.crypto import media_item_crypto
 from laibao.errors import ConfigError
@@ -133,6 +134,14 @@ async def test_a_message_is_answered_with_cumulative_frames_and_a_finish(svc: Se
     assert {f["id"] for f in frames} == {frames[0]["id"]}
     assert svc.dify.chat_calls[-1].json["query"] == "你好"
     assert ws.unordered == 0
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_a_blank_answer_never_gives_a_blank_finishing_frame(svc: Service, ws: WsStub) -> None:
+    svc.dify.push(Script(answer=" \n ", deltas=[" ", "\n "]))
+    frames = await finished(ws, await ws.push_message(ws_message("说点什么")))
+    assert all(f["content"].strip() for f in frames)
+    assert frames[-1]["content"] == texts.NO_ANSWER
 
 
 @pytest.mark.gen_test(timeout=30)
