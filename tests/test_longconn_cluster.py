@@ -123,6 +123,25 @@ async def test_kill_9_of_the_holder_mid_answer_and_the_answer_completes(cluster:
 
 
 @pytest.mark.slow
+@running(2)
+@pytest.mark.gen_test(timeout=90)
+async def test_after_a_failover_a_refused_req_id_sends_the_answer_as_a_message(cluster: WsCluster) -> None:
+    cluster.ws.bind_req_ids = True  # WeCom refuses replies to a message from another connection (846605)
+    holder = await cluster.holder()
+    never = asyncio.Event()
+    cluster.dify.push(Script(answer="".join(PARTIAL), deltas=PARTIAL, hold=never, ping_every=0.2),
+                      Script(answer=FULL))
+    req_id = await cluster.ws.push_message(ws_message("换了连接还能收到吗", msgid="m-bind", user="lisi"))
+    await eventually(lambda: any(PARTIAL[-1] in f["content"] for f in cluster.frames(req_id)), "the partial answer")
+    holder.proc.kill()
+    holder.proc.wait(timeout=10)
+    await cluster.holder(other_than=holder)
+    await eventually(lambda: cluster.ws.frames("aibot_send_msg"), "the answer as a message", tries=800)
+    (sent,) = cluster.ws.frames("aibot_send_msg")
+    assert sent.body == {"chatid": "lisi", "msgtype": "markdown", "markdown": {"content": FULL}}
+
+
+@pytest.mark.slow
 @running(2, LAIBAO_WS_LEASE="120")  # far longer than the test: only the release on SIGTERM can hand over
 @pytest.mark.gen_test(timeout=90)
 async def test_sigterm_hands_the_connection_over_without_waiting_for_the_lease(cluster: WsCluster) -> None:

@@ -67,6 +67,7 @@ class _Pushed:
 
     kind: str  # "msg" | "event"
     at: float
+    conn: int = 0  # the connection the callback went to
     busy: bool = False  # a reply frame on this req_id waits for its ack
 
 
@@ -89,6 +90,7 @@ class WsStub:
     expiry: float = 360.0  # seconds a message's req_id accepts stream frames (WeCom: 6 minutes)
     ack_delay: float = 0.0  # seconds before a reply frame is acked (exposes frames sent before the ack)
     silent_pings: bool = False  # a half-dead socket: pings are never acked
+    bind_req_ids: bool = False  # a reply on another connection than the callback's gets 846605
     stream_errcode: int = 0  # errcode for every aibot_respond_msg stream frame (e.g. 846608)
     errcodes: dict[str, int] = field(default_factory=dict)  # errcode per cmd for other frames
     received: list[Received] = field(default_factory=list)
@@ -151,7 +153,7 @@ class WsStub:
         if not conns:
             raise AssertionError("no laibao connection is subscribed")
         req_id = req_id or uuid.uuid4().hex
-        self._pushed[req_id] = _Pushed(kind, time.monotonic())
+        self._pushed[req_id] = _Pushed(kind, time.monotonic(), conns[-1].number)
         conns[-1].send({"cmd": cmd, "headers": {"req_id": req_id}, "body": body})
         return req_id
 
@@ -183,6 +185,8 @@ class WsStub:
             return INVALID_REQ_ID
         is_stream = received.cmd == "aibot_respond_msg" and received.body.get("msgtype") == "stream"
         if is_stream and pushed.kind != "msg":
+            return INVALID_REQ_ID
+        if self.bind_req_ids and received.conn != pushed.conn:
             return INVALID_REQ_ID
         if time.monotonic() - pushed.at > self.expiry:
             return EXPIRED
