@@ -27,6 +27,7 @@ import redis.asyncio as aioredis
 from stores.redis_store import redis_errors, ttl_ms
 
 REQUEST_TTL = 60.0
+BLOCK_SLICE = 2.0  # seconds one blocking pop may wait: well under the pool's socket timeout (5 s)
 
 # KEYS: leader, term, fence, standdown; ARGV: node, ttl ms.
 # Returns the new fencing token, or 0 when another node holds the lease or the cluster stands down.
@@ -242,9 +243,7 @@ class RedisWsStore:
 
     async def take_send(self, bot: str, wait: float) -> str | None:
         """The oldest queued send request, waiting up to ``wait`` seconds; None when there is none."""
-        with redis_errors("ws send take"):
-            item = await self._client.blpop([self._key(bot, "send")], timeout=wait)
-        return str(item[1]) if item else None
+        return await self._pop(self._key(bot, "send"), wait, "ws send take")
 
     async def withdraw_send(self, bot: str, request: str) -> bool:
         """Remove a request nobody took yet; False when the holder took it already."""
@@ -262,9 +261,20 @@ class RedisWsStore:
 
     async def send_answer(self, request_id: str, wait: float) -> str | None:
         """Wait up to ``wait`` seconds for a request's answer."""
-        with redis_errors("ws send answer read"):
-            item = await self._client.blpop([f"{self._prefix}:ws:reply:{request_id}"], timeout=wait)
-        return str(item[1]) if item else None
+        return await self._pop(f"{self._prefix}:ws:reply:{request_id}", wait, "ws send answer read")
+
+    async def _pop(self, key: str, wait: float, operation: str) -> str | None:
+        """BLPOP in slices, so no single call outlasts the socket timeout."""
+        deadline = time.monotonic() + wait
+        while True:
+            left = deadline - time.monotonic()
+            with redis_errors(operation):
+                # BLPOP's timeout is whole or fractional seconds; 0 would mean "for ever".
+                item = await self._client.blpop([key], timeout=max(0.01, min(left, BLOCK_SLICE)))
+            if item:
+                return str(item[1])
+            if deadline - time.monotonic() <= 0:
+                return None
 
 
 class MemoryWsStore:

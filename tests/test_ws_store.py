@@ -137,3 +137,14 @@ async def test_redis_down_is_a_store_error() -> None:
             await store.live("hr")
     finally:
         await client.aclose()
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_redis_waits_longer_than_the_socket_timeout(redis_url: str) -> None:
+    client = aioredis.Redis.from_url(redis_url, decode_responses=True, socket_timeout=3.0)
+    store = RedisWsStore(client)
+    try:
+        # A send's answer may take the holder longer than one socket timeout: it must not be a StoreError.
+        assert await store.send_answer("slow", 4.0) is None
+    finally:
+        await client.aclose()
