@@ -93,6 +93,10 @@ async def _chat(config: Config, args: argparse.Namespace) -> int:
     if bot is None:
         print(f"laibao: chat: no bot named {args.bot!r} in the configuration", file=sys.stderr)
         return EXIT_USAGE
+    if bot.websocket:
+        print(f"laibao: chat: bot {bot.key!r} runs in websocket mode; chat plays WeCom's callbacks only",
+              file=sys.stderr)
+        return EXIT_USAGE
     url = args.url or f"http://127.0.0.1:{config.port}{bot.path}"
     http = AsyncHTTPClient(force_instance=True)
     player = WeComPlayer(WeComCrypto(bot.token, bot.aes_key, bot.receive_id), url, http)

@@ -72,6 +72,18 @@ def _with_key(media: dict[str, str], body: Any) -> dict[str, str]:
     return media
 
 
+def _mixed_media(body: Mapping[str, Any]) -> list[Mapping[str, str]]:
+    """The images of a mixed message as media entries, each with its own aeskey when it has one."""
+    items = body.get("msg_item")
+    media: list[Mapping[str, str]] = []
+    for item in items if isinstance(items, list) else []:
+        image = item.get("image") if isinstance(item, Mapping) and item.get("msgtype") == "image" else None
+        url = image.get("url") if isinstance(image, Mapping) else None
+        if isinstance(url, str) and url:
+            media.append(_with_key({"kind": "image", "url": url}, image))
+    return media
+
+
 def _mixed_items(body: Mapping[str, Any]) -> list[tuple[str, str]]:
     """(text, image url) pairs of a mixed message's items; one side is always ""."""
     items = body.get("msg_item")
@@ -100,12 +112,7 @@ def read_message(callback: Callback, bot: BotConfig) -> Inbound:
         body = raw.get("mixed")
         pairs = _mixed_items(body) if isinstance(body, Mapping) else []
         text = " ".join(t for t, _ in pairs if t)
-        images = [item.get("image") for item in body.get("msg_item") or [] if isinstance(item, Mapping)
-                  and item.get("msgtype") == "image"] if isinstance(body, Mapping) else []
-        urls = [url for _, url in pairs if url]
-        media = [_with_key({"kind": "image", "url": url},
-                           next((i for i in images if isinstance(i, Mapping) and i.get("url") == url), None))
-                 for url in urls]
+        media = _mixed_media(body) if isinstance(body, Mapping) else []
     elif callback.msgtype in ("image", "file", "video"):
         body = raw.get(callback.msgtype)
         url = body.get("url") if isinstance(body, Mapping) else None

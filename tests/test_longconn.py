@@ -18,6 +18,7 @@ from tornado.httpclient import HTTPResponse
 from tornado.ioloop import IOLoop
 
 from laibao import texts
+from laibao.cli import main
 from laibao.config import Config, load_config
 from laibao.crypto import media_item_crypto
 from laibao.errors import ConfigError
@@ -327,3 +328,16 @@ async def test_a_holder_that_loses_its_lease_closes_its_connection(ws: WsStub, r
     finally:
         await runtime.close()
         await client.aclose()
+
+
+def test_chat_refuses_a_websocket_bot_in_one_line(capsys: pytest.CaptureFixture[str],
+                                                   monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.chdir(tmp_path)
+    for name in list(os.environ):
+        if name.startswith("LAIBAO_"):
+            monkeypatch.delenv(name)
+    for name, value in ws_env("http://127.0.0.1:9/v1", "ws://127.0.0.1:9/").items():
+        monkeypatch.setenv(name, value)
+    assert main(["chat", "你好"]) == 2
+    assert capsys.readouterr().err == (
+        "laibao: chat: bot 'default' runs in websocket mode; chat plays WeCom's callbacks only\n")
