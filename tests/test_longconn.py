@@ -341,3 +341,38 @@ def test_chat_refuses_a_websocket_bot_in_one_line(capsys: pytest.CaptureFixture[
     assert main(["chat", "你好"]) == 2
     assert capsys.readouterr().err == (
         "laibao: chat: bot 'default' runs in websocket mode; chat plays WeCom's callbacks only\n")
+
+
+def test_toml_bots_choose_their_mode_each(tmp_path: Path) -> None:
+    toml = tmp_path / "laibao.toml"
+    toml.write_text('''
+[[bots]]
+name = "hr"
+token = "tok"
+aes_key = "abcdefghijklmnopqrstuvwxyz0123456789ABCDEFG"
+dify_url = "http://dify/v1"
+dify_key = "k1"
+
+[[bots]]
+name = "it"
+mode = "websocket"
+bot_id = "aib-it"
+secret = "s3cret"
+dify_url = "http://dify/v1"
+dify_key = "k2"
+
+[[bots]]
+name = "ops"
+mode = "websocket"
+secret = "s3cret"
+dify_url = "http://dify/v1"
+dify_key = "k3"
+''', encoding="utf-8")
+    with pytest.raises(ConfigError) as info:
+        load_config(config_file=str(toml), environ={}, dotenv=None)
+    assert info.value.problems == [f"{toml}: bots[2].bot_id: required"]
+    toml.write_text(toml.read_text(encoding="utf-8").replace('name = "ops"', 'name = "ops"\nbot_id = "aib-ops"'),
+                    encoding="utf-8")
+    config = load_config(config_file=str(toml), environ={}, dotenv=None)
+    assert [(b.name, b.mode, b.websocket) for b in config.bots] == [
+        ("hr", "callback", False), ("it", "websocket", True), ("ops", "websocket", True)]
