@@ -12,7 +12,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,7 +24,7 @@ from laibao.answer.tasks import AnswerTasks
 from laibao.answer.writer import Flusher, OwnershipLost, StreamWriter
 from laibao.auth import AuthUnavailable, Credential
 from laibao.config import BotConfig, Config
-from laibao.crypto import WeComCrypto
+from laibao.crypto import WeComCrypto, media_item_crypto
 from laibao.delivery import post_markdown
 from laibao.dify import error_label
 from laibao.errors import AuthError, DifyError, DifyHTTPError, StoreError
@@ -104,6 +104,8 @@ class Answers:
         self.clock = clock
         # Set by the bot's service: carries out a deferred command (COMMAND_FIELD) after a takeover.
         self.resume_command: Callable[[StreamSession], Coroutine[Any, Any, None]] | None = None
+        # Set in long-connection mode: delivers what callback mode sends through response_url.
+        self.send_markdown: Callable[[StreamSession, str], Awaitable[None]] | None = None
 
     def start(self, session: StreamSession, takeover: bool = False) -> bool:
         """Start the job of ``session`` here if this process has room; False (nothing started) if not."""
@@ -152,6 +154,7 @@ class AnswerJob:
         self.metrics = answers.metrics
         self.config = answers.config
         self.clock = answers.clock
+        self.send_markdown = answers.send_markdown
 
     async def run(self) -> None:
         """Stream Dify's answer into the store until it is done or failed."""
@@ -288,7 +291,9 @@ class AnswerJob:
         parameters = await self.app.parameters(bearer)
         files = []
         for item in media:
-            data = await download_wecom_media(self.files.http, item["url"], self.files.crypto, self.files.max_bytes,
+            # Long-connection mode encrypts each item with its own aeskey; callbacks with the bot's key.
+            crypto = media_item_crypto(item["aeskey"]) if item.get("aeskey") else self.files.crypto
+            data = await download_wecom_media(self.files.http, item["url"], crypto, self.files.max_bytes,
                                               timeout=30.0)
             kind = sniff(data, item.get("kind", ""))
             dify_type = check_upload(kind, len(data), parameters)
@@ -379,8 +384,12 @@ class AnswerJob:
         return items
 
     async def _deliver(self, content: str) -> None:
-        """Send ``content`` through the message's response_url (once)."""
+        """Send ``content`` through the message's response_url (once), or the bot's long connection."""
         session = self.session
+        if self.send_markdown is not None and content.strip():
+            # Long-connection mode: no response_url; the bot's connection sends it, wherever it is held.
+            await self.send_markdown(session, content)
+            return
         if not session.response_url or not content.strip():
             return
         # One response_url message holds 20480 bytes too, and it can be used only once.
