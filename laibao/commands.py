@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from laibao import texts
 from laibao.config import BotConfig
 from laibao.wecom import Callback
 
@@ -14,6 +15,7 @@ from laibao.wecom import Callback
 _LEADING_MENTIONS = re.compile(r"^(?:\s*@\S+(?:\s+|$))+")
 
 NEW, STOP, HELP = "new", "stop", "help"
+MAX_MIXED_IMAGES = 10  # each image is downloaded, decrypted and uploaded to Dify before the question goes
 DEFAULT_HELP = "直接发送问题即可。{new}：开始新对话；{stop}：停止当前回答；{help}：查看帮助。"
 
 
@@ -24,6 +26,7 @@ class Inbound:
     text: str  # the query text for Dify ("" for media alone)
     command: str = ""  # NEW, STOP, HELP or ""
     media: tuple[Mapping[str, str], ...] = ()  # {"kind": "image"|"file"|"video", "url": ...}
+    refusal: str = ""  # the message cannot be taken as sent: answer this instead (nothing is kept)
 
 
 def strip_mentions(text: str) -> str:
@@ -64,6 +67,26 @@ def _quoted_text(quote: Any) -> str:
     return ""
 
 
+def _with_key(media: dict[str, str], body: Any) -> dict[str, str]:
+    """A media entry with the item's own ``aeskey`` (long-connection mode encrypts each item with its own)."""
+    key = body.get("aeskey") if isinstance(body, Mapping) else None
+    if isinstance(key, str) and key:
+        media["aeskey"] = key
+    return media
+
+
+def _mixed_media(body: Mapping[str, Any]) -> list[Mapping[str, str]]:
+    """The images of a mixed message as media entries, each with its own aeskey when it has one."""
+    items = body.get("msg_item")
+    media: list[Mapping[str, str]] = []
+    for item in items if isinstance(items, list) else []:
+        image = item.get("image") if isinstance(item, Mapping) and item.get("msgtype") == "image" else None
+        url = image.get("url") if isinstance(image, Mapping) else None
+        if isinstance(url, str) and url:
+            media.append(_with_key({"kind": "image", "url": url}, image))
+    return media
+
+
 def _mixed_items(body: Mapping[str, Any]) -> list[tuple[str, str]]:
     """(text, image url) pairs of a mixed message's items; one side is always ""."""
     items = body.get("msg_item")
@@ -92,13 +115,15 @@ def read_message(callback: Callback, bot: BotConfig) -> Inbound:
         body = raw.get("mixed")
         pairs = _mixed_items(body) if isinstance(body, Mapping) else []
         text = " ".join(t for t, _ in pairs if t)
-        media = [{"kind": "image", "url": url} for _, url in pairs if url]
+        media = _mixed_media(body) if isinstance(body, Mapping) else []
+        if len(media) > MAX_MIXED_IMAGES:
+            return Inbound(text="", refusal=texts.TOO_MANY_IMAGES)
     elif callback.msgtype in ("image", "file", "video"):
         body = raw.get(callback.msgtype)
         url = body.get("url") if isinstance(body, Mapping) else None
         text = ""
         if isinstance(url, str) and url:
-            media = [{"kind": callback.msgtype, "url": url}]
+            media = [_with_key({"kind": callback.msgtype, "url": url}, body)]
     else:
         text = callback.text
     if callback.is_group:

@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 
 from laibao.crypto import WeComCrypto
 from laibao.errors import ConfigError, CryptoError
+from laibao.outbound import HostAllowlist
 from stores.connection import parse_url as parse_redis_url
 from stores.keys import Keys
 from stores.users import secret_key_bytes
@@ -27,6 +28,7 @@ ENV_PREFIX = "LAIBAO_"
 BOT_NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 DEFAULT_PLACEHOLDER = "正在思考…"
 DEFAULT_DENIED = "抱歉，你还没有使用这个机器人的权限，请联系管理员开通。"
+DEFAULT_WS_URL = "wss://openws.work.weixin.qq.com"
 
 
 @dataclass(frozen=True)
@@ -52,6 +54,15 @@ class BotConfig:
     stop_words: tuple[str, ...] = ("/stop", "停止", "停")
     help_words: tuple[str, ...] = ("/help", "帮助")
     help_text: str = ""
+    mode: str = "callback"  # callback: WeCom posts to us; websocket: one process holds a long connection
+    bot_id: str = ""  # websocket mode: the bot's BotID and Secret instead of Token and EncodingAESKey
+    secret: str = field(default="", repr=False)
+    ws_url: str = DEFAULT_WS_URL
+
+    @property
+    def websocket(self) -> bool:
+        """True when the bot runs in long-connection mode (no callbacks)."""
+        return self.mode == "websocket"
 
     @property
     def path(self) -> str:
@@ -93,22 +104,37 @@ class Config:
     flush_interval: float = 0.1
     flush_bytes: int = 1024
     max_body_bytes: int = 1024 * 1024
+    idle_connection_timeout: float = 30.0  # a client connection idle (or sending its headers) this long is closed
+    body_timeout: float = 10.0  # a request body not complete within this many seconds closes the connection
     log_content: bool = False  # message and answer text in logs (debugging only)
     max_clock_skew: float = 600.0  # callbacks whose timestamp is further from now are refused
     shutdown_grace: float = 20.0
+    shutdown_delay: float = 2.0  # after SIGTERM keep accepting this long: load balancers see /readyz 503 first
     auth_url: str = ""
     auth_timeout: float = 5.0
+    auth_admit_timeout: float = 0.5  # the callback path waits at most this long for a user's record
     auth_code_field: str = "code"
     auth_secret_field: str = "secret"  # noqa: S105 - a JSON field name, not a secret
     auth_token_field: str = "token"  # noqa: S105 - a JSON field name, not a secret
     auth_ttl_field: str = "expires_in"
     auth_default_ttl: float = 3600.0
+    auth_max_ttl: float = 86400.0  # a longer token lifetime from the auth service is cut to this
     secret_key: str = field(default="", repr=False)
     token_cache_ttl: float = 30.0
     token_cache_size: int = 10000
     media_hold_seconds: float = 300.0
     media_max_bytes: int = 20 * 1024 * 1024
     response_url_retries: int = 3
+    # Where URLs from outside may point; empty = WeCom's own hosts (laibao.outbound). Entries are host,
+    # host:port or *.domain; hosts listed here may resolve to private addresses.
+    wecom_media_hosts: tuple[str, ...] = ()
+    response_url_hosts: tuple[str, ...] = ()
+    dify_file_hosts: tuple[str, ...] = ()  # besides each bot's Dify origin
+    ws_push_interval: float = 0.5  # at most one stream frame per stream this often (long-connection mode)
+    ws_lease: float = 15.0  # the connection holder's Redis lease; a dead holder is replaced after it
+    ws_ping_interval: float = 30.0
+    ws_displaced_backoff: float = 300.0  # after another client took the bot's connection, wait this long
+    api_key: str = field(default="", repr=False)  # bearer of POST /api/send; unset = endpoint off
 
     @cached_property
     def node(self) -> str:
@@ -198,21 +224,34 @@ _GLOBAL_PARSERS: dict[str, Parser] = {
     "flush_interval": _float,
     "flush_bytes": _int,
     "max_body_bytes": _int,
+    "idle_connection_timeout": _float,
+    "body_timeout": _float,
     "max_clock_skew": _float,
     "shutdown_grace": _float,
+    "shutdown_delay": _float,
     "auth_url": _str,
     "auth_timeout": _float,
+    "auth_admit_timeout": _float,
     "auth_code_field": _str,
     "auth_secret_field": _str,
     "auth_token_field": _str,
     "auth_ttl_field": _str,
     "auth_default_ttl": _float,
+    "auth_max_ttl": _float,
     "secret_key": _str,
     "token_cache_ttl": _float,
     "token_cache_size": _int,
     "media_hold_seconds": _float,
     "media_max_bytes": _int,
     "response_url_retries": _int,
+    "wecom_media_hosts": _words,
+    "response_url_hosts": _words,
+    "dify_file_hosts": _words,
+    "ws_push_interval": _float,
+    "ws_lease": _float,
+    "ws_ping_interval": _float,
+    "ws_displaced_backoff": _float,
+    "api_key": _str,
 }
 _BOT_PARSERS: dict[str, Parser] = {
     "name": _str,
@@ -234,6 +273,10 @@ _BOT_PARSERS: dict[str, Parser] = {
     "stop_words": _words,
     "help_words": _words,
     "help_text": _str,
+    "mode": _choice("callback", "websocket"),
+    "bot_id": _str,
+    "secret": _str,
+    "ws_url": _str,
 }
 # The environment's bot: LAIBAO_WECOM_TOKEN etc. map onto BotConfig fields.
 _ENV_BOT = {
@@ -255,8 +298,13 @@ _ENV_BOT = {
     "STOP_WORDS": "stop_words",
     "HELP_WORDS": "help_words",
     "HELP_TEXT": "help_text",
+    "WECOM_MODE": "mode",
+    "WECOM_BOT_ID": "bot_id",
+    "WECOM_BOT_SECRET": "secret",
+    "WECOM_WS_URL": "ws_url",
 }
 _BOT_REQUIRED = ("token", "aes_key", "dify_url", "dify_key")
+_WS_BOT_REQUIRED = ("bot_id", "secret", "dify_url", "dify_key")
 
 
 def read_dotenv(path: Path) -> dict[str, str]:
@@ -360,13 +408,14 @@ def _build_bot(
 
     before = len(problems)
     values: dict[str, Any] = {}
+    required = _WS_BOT_REQUIRED if table.get("mode") == "websocket" else _BOT_REQUIRED
     for key in table:
         if key not in _BOT_PARSERS:
             problems.append(f"{where}: unknown setting {key!r}")
     for name, parse in _BOT_PARSERS.items():
         raw = table.get(name)
         if raw is None or (raw == "" and name not in ("name", "welcome", "help_text")):
-            if name in _BOT_REQUIRED:
+            if name in required:
                 problems.append(f"{label(name)}: required")
             continue
         try:
@@ -387,12 +436,18 @@ def _build_bot(
             problems.append(f"{label('dify_url')}: must be an http(s) URL, got {dify_url!r}")
         elif not parts.path.rstrip("/").endswith("/v1"):
             problems.append(f"{label('dify_url')}: must be Dify's API base ending in /v1, got {dify_url!r}")
+    ws_url = values.get("ws_url")
+    if isinstance(ws_url, str) and (urlsplit(ws_url).scheme not in ("ws", "wss") or not urlsplit(ws_url).netloc):
+        problems.append(f"{label('ws_url')}: must be a ws:// or wss:// URL, got {ws_url!r}")
     ttl = values.get("conversation_ttl")
     if isinstance(ttl, float) and ttl <= 0:
         problems.append(f"{label('conversation_ttl')}: must be positive")
     if len(problems) > before:
         return []
     values["dify_url"] = values["dify_url"].rstrip("/")
+    # A websocket bot has no Token or EncodingAESKey: its BotID and Secret authenticate instead.
+    values.setdefault("token", "")
+    values.setdefault("aes_key", "")
     return [BotConfig(**values)]
 
 
@@ -429,10 +484,20 @@ def _check_globals(config: Config) -> list[str]:
         problems.append("auth_url: must be an http(s) URL")
     if config.secret_key and secret_key_bytes(config.secret_key) is None:
         problems.append("secret_key: must be base64 of 32 bytes (laibao gen-key prints one)")
+    if config.auth_default_ttl > config.auth_max_ttl:
+        problems.append("auth_default_ttl: must not exceed auth_max_ttl")
+    for name in ("wecom_media_hosts", "response_url_hosts", "dify_file_hosts"):
+        for entry in getattr(config, name):
+            try:
+                HostAllowlist(name, (entry,))
+            except ValueError:
+                problems.append(f"{name}: {entry!r} is not a host, host:port or *.domain")
     if config.window_margin >= config.stream_window:
         problems.append("window_margin: must be shorter than stream_window")
     if config.lease < 3 * config.flush_interval:
         problems.append("lease: must be well above flush_interval")
+    if any(bot.websocket for bot in config.bots) and config.ws_lease < 1.0:
+        problems.append("ws_lease: must be at least 1 second (it is renewed three times per period)")
     return problems
 
 
@@ -454,6 +519,7 @@ def _kind(parse: Parser) -> str:
 
 def _shown(name: str, raw: Any) -> str:
     """A value fit for an error line: secrets are never echoed."""
-    if name in ("token", "aes_key", "dify_key", "redis_url", "mysql_url", "redis_sentinel_password"):
+    if name in ("token", "aes_key", "dify_key", "redis_url", "mysql_url", "secret", "api_key",
+                "redis_sentinel_password"):
         return "(hidden)"
     return repr(raw)[:60]

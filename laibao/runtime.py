@@ -5,8 +5,6 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from tornado.httpclient import AsyncHTTPClient
-
 from laibao.answer.difyapp import DifyApp
 from laibao.answer.job import Answers, WeComFiles
 from laibao.answer.tasks import AnswerTasks
@@ -16,7 +14,9 @@ from laibao.config import BotConfig, Config
 from laibao.crypto import WeComCrypto
 from laibao.dify import DifyClient
 from laibao.errors import StoreError
+from laibao.longconn import LongConnections, unused_crypto
 from laibao.metrics import Metrics
+from laibao.outbound import Outbound
 from laibao.service import BotService
 from stores import Stores, open_stores
 from stores.media_store import MediaHold, MemoryMediaHold, RedisMediaHold
@@ -24,6 +24,7 @@ from stores.redis_store import RedisStores
 from stores.tokens import open_token_cache
 from stores.turns_store import MemoryTurns, RedisTurns, Turns, session_status
 from stores.users import open_user_store
+from stores.ws_store import MemoryWsStore, RedisWsStore, WsStore
 
 log = logging.getLogger("laibao.runtime")
 
@@ -40,7 +41,7 @@ class BotRuntime:
 class Runtime:
     """Everything a handler may reach: configuration, stores, bots and their running relays."""
 
-    def __init__(self, config: Config, stores: Stores, http: AsyncHTTPClient) -> None:
+    def __init__(self, config: Config, stores: Stores, http: Outbound) -> None:
         self.config = config
         self.stores = stores
         self.http = http
@@ -62,6 +63,8 @@ class Runtime:
             self.auth = AuthService(config, open_user_store(config), open_token_cache(config), http)
             self.metrics.add_counters("laibao_auth_resolutions", "User resolutions by cache level and outcome",
                                       "level", self.auth.stats)
+            self.metrics.add_counters("laibao_auth_admissions", "Callback-path admissions by how they were decided",
+                                      "outcome", self.auth.admissions)
         self.bots: dict[str, BotRuntime] = {}
         for bot in config.bots:
             dify = DifyClient(
@@ -71,8 +74,9 @@ class Runtime:
                 connect_timeout=config.dify_connect_timeout,
                 idle_timeout=config.dify_idle_timeout,
                 total_timeout=config.dify_total_timeout,
+                file_hosts=config.dify_file_hosts,
             )
-            crypto = WeComCrypto(bot.token, bot.aes_key, bot.receive_id)
+            crypto = WeComCrypto(bot.token, bot.aes_key, bot.receive_id) if not bot.websocket else unused_crypto()
             app = DifyApp(bot, dify, self.auth if bot.auth != "open" else None)
             files = WeComFiles(http, crypto, config.media_max_bytes, config.response_url_retries)
             answers = Answers(bot=bot, app=app, streams=stores.streams, conversations=stores.conversations,
@@ -81,21 +85,26 @@ class Runtime:
             service = BotService(bot=bot, config=config, app=app, answers=answers, stores=stores, turns=turns.turns,
                                  inflight=turns.inflight, media=media, tasks=self.tasks, metrics=self.metrics)
             self.bots[bot.name] = BotRuntime(bot, crypto, service)
+        # Long-connection bots: one process of the cluster holds each one's WeCom connection.
+        ws_store: WsStore = MemoryWsStore()
+        if isinstance(stores, RedisStores):
+            ws_store = RedisWsStore(stores.client, stores.keys.prefix)
+        self.ws = LongConnections(config, {name: bot.service for name, bot in self.bots.items()}, ws_store,
+                                  self.metrics.registry)
 
     @classmethod
     def build(cls, config: Config) -> Runtime:
-        """Open the stores and the shared HTTP client (must run inside the event loop)."""
-        # Each live answer holds one HTTP connection to Dify: the default of 10 would queue answers.
-        http = AsyncHTTPClient(force_instance=True, max_clients=config.http_max_clients)
+        """Open the stores and the shared HTTP clients (must run inside the event loop)."""
         stores = open_stores(config.redis_url or None, prefix=config.redis_prefix,
                              sentinel_password=config.redis_sentinel_password or None,
                              pool_size=config.redis_pool_size, pool_timeout=config.redis_pool_timeout)
-        return cls(config, stores, http)
+        return cls(config, stores, Outbound.from_config(config))
 
     async def start(self) -> None:
         """Start background listeners (token invalidations from other processes)."""
         if self.auth is not None:
             await self.auth.start()
+        self.ws.start()
 
     @property
     def draining(self) -> bool:
@@ -120,6 +129,7 @@ class Runtime:
 
     async def close(self, grace: float = 0.0) -> None:
         """Let relays finish for up to ``grace`` seconds, then close the clients."""
+        await self.ws.stop()
         cancelled = await self.tasks.drain(grace)
         if cancelled:
             log.warning("%d relays were still running at shutdown", cancelled)

@@ -12,11 +12,9 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from typing import Any
-
-from tornado.httpclient import AsyncHTTPClient
 
 from laibao import texts
 from laibao.answer.difyapp import CHAT_MODES, DifyApp
@@ -26,8 +24,9 @@ from laibao.answer.tasks import AnswerTasks
 from laibao.answer.writer import Flusher, OwnershipLost, StreamWriter
 from laibao.auth import AuthUnavailable, Credential
 from laibao.config import BotConfig, Config
-from laibao.crypto import WeComCrypto
+from laibao.crypto import WeComCrypto, media_item_crypto
 from laibao.delivery import post_markdown
+from laibao.dify import error_label
 from laibao.errors import AuthError, DifyError, DifyHTTPError, StoreError
 from laibao.media import (
     MediaError,
@@ -40,6 +39,7 @@ from laibao.media import (
     think_blocks,
 )
 from laibao.metrics import Metrics
+from laibao.outbound import Outbound
 from laibao.sse import MessageDelta, MessageEnd, MessageFile, MessageReplace
 from stores.base import DONE, ERROR, ConversationStore, StreamSession, StreamStore
 from stores.turns_store import InFlight, TurnQueue
@@ -47,6 +47,7 @@ from stores.turns_store import InFlight, TurnQueue
 log = logging.getLogger("laibao.answer")
 
 CONVERSATION_GONE = "Conversation Not Exists"
+COMMAND_FIELD = "command"  # session extra of a deferred command (user not yet admitted): what to carry out
 MAX_IMAGES = 10  # WeCom accepts at most 10 msg_item images on the finishing reply
 TURN_POLL = 0.2  # seconds between checks whether a queued message's turn has come
 ABANDONED_CHECK_EVERY = 25  # turn checks between looks at whether the head was abandoned (~5 s)
@@ -57,7 +58,7 @@ FLAGS_BUDGET = 5.0  # seconds a /stop-flag read is retried: missing a /stop note
 class WeComFiles:
     """Where a message's media and its response_url delivery go: the shared HTTP client and the bot's key."""
 
-    http: AsyncHTTPClient
+    http: Outbound
     crypto: WeComCrypto
     max_bytes: int
     response_url_retries: int
@@ -101,6 +102,10 @@ class Answers:
         self.metrics = metrics
         self.config = config
         self.clock = clock
+        # Set by the bot's service: carries out a deferred command (COMMAND_FIELD) after a takeover.
+        self.resume_command: Callable[[StreamSession], Coroutine[Any, Any, None]] | None = None
+        # Set in long-connection mode: delivers what callback mode sends through response_url.
+        self.send_markdown: Callable[[StreamSession, str], Awaitable[None]] | None = None
 
     def start(self, session: StreamSession, takeover: bool = False) -> bool:
         """Start the job of ``session`` here if this process has room; False (nothing started) if not."""
@@ -124,6 +129,10 @@ class Answers:
             return
         self.metrics.takeovers.labels(self.bot.key).inc()
         log.warning("bot %s: took over stream %s from %s", self.bot.key, sid, previous_owner or "(released)")
+        if COMMAND_FIELD in session.extra and self.resume_command is not None:
+            # A command whose user's admission was still being decided, not a question for Dify.
+            self.tasks.spawn(self.resume_command(session), name=f"command-{sid}")
+            return
         self.start(session, takeover=True)
 
 
@@ -145,6 +154,7 @@ class AnswerJob:
         self.metrics = answers.metrics
         self.config = answers.config
         self.clock = answers.clock
+        self.send_markdown = answers.send_markdown
 
     async def run(self) -> None:
         """Stream Dify's answer into the store until it is done or failed."""
@@ -162,7 +172,7 @@ class AnswerJob:
             log.warning("stream %s: another process owns it now; this answer stops", session.sid)
         except (DifyError, MediaError, AuthError) as exc:
             if isinstance(exc, DifyError):
-                self.metrics.dify_errors.labels(self.bot.key, _error_code(exc)).inc()
+                self.metrics.dify_errors.labels(self.bot.key, error_label(exc)).inc()
             log.warning("stream %s: failed: %s", session.sid, exc)
             await self._fail(explain_failure(exc, self.bot))
         except StoreError as exc:
@@ -186,8 +196,10 @@ class AnswerJob:
 
     async def _answer(self) -> None:
         session, writer = self.session, self.writer
-        await self._wait_turn()
-        if (await self._flags()).get("stop"):
+        waited = await self._wait_turn()
+        # A /stop reaches the head of the queue only: one that came while this message waited is seen
+        # here; one that comes later is seen once Dify's task id is recorded.
+        if waited and (await self._flags()).get("stop"):
             await writer.finish(DONE, texts.STOPPED_NOTE, {})
             return
         credential = await self.app.credential(session.user)
@@ -215,10 +227,16 @@ class AnswerJob:
         elif rest:
             await self._deliver(rest)
 
-    async def _wait_turn(self) -> None:
-        """Messages of one conversation reach Dify one at a time, in arrival order, across processes."""
+    async def _wait_turn(self) -> bool:
+        """Messages of one conversation reach Dify one at a time, in arrival order, across processes.
+
+        True if the message had to wait for its turn (it was not at the head of its queue at once).
+        """
         bot, scope, sid = self.bot.key, self.session.scope, self.session.sid
-        await retrying(lambda: self.turns.join(bot, scope, sid, self.config.stream_ttl), f"stream {sid} turns")
+        position = await retrying(lambda: self.turns.join(bot, scope, sid, self.config.stream_ttl),
+                                  f"stream {sid} turns")
+        if position == 0:
+            return False  # at the head already: no second round trip to ask
         # Polled, not notified: the message ahead may be relayed by another process.
         checks = 0
         while not await retrying(lambda: self.turns.my_turn(bot, scope, sid), f"stream {sid} turns"):
@@ -226,6 +244,7 @@ class AnswerJob:
             if checks % ABANDONED_CHECK_EVERY == 1:  # at once, then every few seconds
                 await retrying(self._drop_abandoned_head, f"stream {sid} turns")
             await asyncio.sleep(TURN_POLL)
+        return True
 
     async def _drop_abandoned_head(self) -> None:
         """Unblock a conversation whose head died after WeCom stopped polling it (nobody will take it over)."""
@@ -272,7 +291,9 @@ class AnswerJob:
         parameters = await self.app.parameters(bearer)
         files = []
         for item in media:
-            data = await download_wecom_media(self.files.http, item["url"], self.files.crypto, self.files.max_bytes,
+            # Long-connection mode encrypts each item with its own aeskey; callbacks with the bot's key.
+            crypto = media_item_crypto(item["aeskey"]) if item.get("aeskey") else self.files.crypto
+            data = await download_wecom_media(self.files.http, item["url"], crypto, self.files.max_bytes,
                                               timeout=30.0)
             kind = sniff(data, item.get("kind", ""))
             dify_type = check_upload(kind, len(data), parameters)
@@ -363,8 +384,12 @@ class AnswerJob:
         return items
 
     async def _deliver(self, content: str) -> None:
-        """Send ``content`` through the message's response_url (once)."""
+        """Send ``content`` through the message's response_url (once), or the bot's long connection."""
         session = self.session
+        if self.send_markdown is not None and content.strip():
+            # Long-connection mode: no response_url; the bot's connection sends it, wherever it is held.
+            await self.send_markdown(session, content)
+            return
         if not session.response_url or not content.strip():
             return
         # One response_url message holds 20480 bytes too, and it can be used only once.
@@ -419,10 +444,3 @@ class AnswerJob:
             except StoreError as exc:
                 log.warning("stream %s: heartbeat failed: %s", sid, exc)
 
-
-def _error_code(exc: DifyError) -> str:
-    """A bounded label for the Dify error metric."""
-    code = getattr(exc, "code", "") or ""
-    if code:
-        return str(code)[:40]
-    return type(exc).__name__
