@@ -149,7 +149,8 @@ async def _drop_tokens(config: Config, userid: str) -> None:
     """Drop the user's shared token and tell every process to forget its copy (Redis only)."""
     if not config.redis_url:
         return  # no shared cache: a running single process keeps its copy until the token expires
-    tokens = RedisTokenCache(config.redis_url)
+    tokens = RedisTokenCache(config.redis_url, prefix=config.redis_prefix,
+                             sentinel_password=config.redis_sentinel_password or None)
     try:
         await tokens.drop(userid)
         await tokens.publish_invalidation(userid)

@@ -177,15 +177,21 @@ async def _chat(config: Config, args: argparse.Namespace) -> int:
 
 async def _check(config: Config) -> int:
     from laibao.runtime import Runtime
+    from stores import RedisStores
 
     runtime = Runtime.build(config)
     failed = False
     try:
-        for part, why in (await runtime.readiness()).items():
+        failures = await runtime.readiness()
+        for part, why in failures.items():
             print(f"{part}: FAILED {why}")
             failed = True
-        if config.redis_url and not failed:
-            print("redis: ok")
+        if isinstance(runtime.stores, RedisStores) and "redis" not in failures:
+            try:
+                print(f"redis: ok, {await runtime.stores.describe()}")
+            except LaibaoError as exc:
+                print(f"redis: FAILED {exc}")
+                failed = True
         for name, bot in runtime.bots.items():
             label = name or "(environment bot)"
             try:

@@ -6,8 +6,6 @@ Every problem found is reported on its own line (``ConfigError.problems``); secr
 
 from __future__ import annotations
 
-import base64
-import binascii
 import os
 import re
 import socket
@@ -22,6 +20,9 @@ from urllib.parse import urlsplit
 from laibao.crypto import WeComCrypto
 from laibao.errors import ConfigError, CryptoError
 from laibao.outbound import HostAllowlist
+from stores.connection import parse_url as parse_redis_url
+from stores.keys import Keys
+from stores.users import secret_key_bytes
 
 ENV_PREFIX = "LAIBAO_"
 BOT_NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -83,6 +84,8 @@ class Config:
     port: int = 8000
     node_id: str = ""
     redis_url: str = field(default="", repr=False)
+    redis_prefix: str = "laibao"  # the first part of every key laibao owns (not the authorization:* ones)
+    redis_sentinel_password: str = field(default="", repr=False)  # the sentinels' own password, if they have one
     mysql_url: str = field(default="", repr=False)
     log_level: str = "INFO"
     dify_connect_timeout: float = 10.0
@@ -200,6 +203,8 @@ _GLOBAL_PARSERS: dict[str, Parser] = {
     "port": _int,
     "node_id": _str,
     "redis_url": _str,
+    "redis_prefix": _str,
+    "redis_sentinel_password": _str,
     "mysql_url": _str,
     "log_level": _str,
     "log_content": _bool,
@@ -455,8 +460,15 @@ def _check_globals(config: Config) -> list[str]:
         value = getattr(config, f.name)
         if f.name != "port" and isinstance(value, int | float) and not isinstance(value, bool) and value <= 0:
             problems.append(f"{f.name}: must be positive, got {value}")
-    if config.redis_url and urlsplit(config.redis_url).scheme not in ("redis", "rediss", "unix"):
-        problems.append("redis_url: must start with redis://, rediss:// or unix://")
+    if config.redis_url:
+        try:
+            parse_redis_url(config.redis_url)
+        except ValueError as exc:
+            problems.append(f"redis_url: {exc}")
+    try:
+        Keys(config.redis_prefix)
+    except ValueError as exc:
+        problems.append(f"redis_prefix: {exc}")
     if config.mysql_url and urlsplit(config.mysql_url).scheme != "mysql":
         problems.append("mysql_url: must start with mysql://")
     if config.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
@@ -489,15 +501,6 @@ def _check_globals(config: Config) -> list[str]:
     return problems
 
 
-def secret_key_bytes(key: str) -> bytes | None:
-    """The 32-byte AES-GCM key for secrets at rest, or None when ``key`` is not base64 of 32 bytes."""
-    try:
-        raw = base64.b64decode(key, validate=True)
-    except (binascii.Error, ValueError):
-        return None
-    return raw if len(raw) == 32 else None
-
-
 def _valid_aes_key(key: str) -> bool:
     try:
         WeComCrypto("token", key)
@@ -516,6 +519,7 @@ def _kind(parse: Parser) -> str:
 
 def _shown(name: str, raw: Any) -> str:
     """A value fit for an error line: secrets are never echoed."""
-    if name in ("token", "aes_key", "dify_key", "redis_url", "mysql_url", "secret", "api_key"):
+    if name in ("token", "aes_key", "dify_key", "redis_url", "mysql_url", "secret", "api_key",
+                "redis_sentinel_password"):
         return "(hidden)"
     return repr(raw)[:60]

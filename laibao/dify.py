@@ -1,5 +1,5 @@
 """Dify's Service API through :mod:`laibao.outbound`: every app type's streaming answer,
-stop, file upload, parameters, feedback, suggested questions, conversation deletion, and file downloads.
+stop, file upload, parameters, feedback, conversation deletion, and file downloads.
 
 Every app type answers through :meth:`DifyClient.chat_stream` with the same event shapes: a workflow
 app's ``text_chunk`` / ``text_replace`` / ``workflow_finished`` become MessageDelta / MessageReplace /
@@ -30,7 +30,7 @@ import uuid
 from collections.abc import AsyncGenerator, Mapping, Sequence
 from http import HTTPStatus
 from typing import Any
-from urllib.parse import quote, urlencode, urljoin, urlsplit
+from urllib.parse import quote, urljoin, urlsplit
 
 from laibao.errors import (
     DifyConnectionError,
@@ -220,15 +220,6 @@ class DifyClient:
             raise ValueError(f"rating must be 'like', 'dislike' or None, not {rating!r}")
         payload = {"rating": rating, "user": user, "content": content}
         await self._call("POST", f"/messages/{quote(message_id, safe='')}/feedbacks", payload, bearer)
-
-    async def suggested(self, message_id: str, user: str, bearer: str | None = None) -> list[str]:
-        """The follow-up questions Dify suggests after an answer (an HTTP error when they are disabled)."""
-        path = f"/messages/{quote(message_id, safe='')}/suggested?{urlencode({'user': user})}"
-        answer = _json_object(await self._call("GET", path, None, bearer), "suggested")
-        questions = answer.get("data")
-        if not isinstance(questions, list):
-            raise DifyError("Dify suggested questions answer has no 'data' list")
-        return [question for question in questions if isinstance(question, str)]
 
     async def delete_conversation(self, conversation_id: str, user: str, bearer: str | None = None) -> bool:
         """Delete a conversation in Dify; False if Dify does not know it (for this user), which is no error."""

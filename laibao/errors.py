@@ -25,9 +25,11 @@ Messages are for operators and never contain secrets.
 
 from __future__ import annotations
 
+# The root and the store error live at the bottom layer (stores never import laibao); same classes.
+from stores.errors import LaibaoError, StoreError
 
-class LaibaoError(Exception):
-    """Root of every error laibao raises on purpose."""
+__all__ = ["AuthError", "CallbackError", "ConfigError", "CryptoError", "DifyConnectionError", "DifyError",
+           "DifyHTTPError", "DifyStreamError", "DifyTimeoutError", "LaibaoError", "StoreError"]
 
 
 class ConfigError(LaibaoError):
@@ -96,10 +98,6 @@ class DifyStreamError(DifyError):
         self.code = code
         self.status = status
         super().__init__(message)
-
-
-class StoreError(LaibaoError):
-    """A store (Redis, MySQL) is unavailable or answered something unusable."""
 
 
 class AuthError(LaibaoError):

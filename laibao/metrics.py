@@ -11,6 +11,7 @@ _FIRST_CONTENT_BUCKETS = (0.25, 0.5, 1, 2, 3, 5, 8, 13, 21, 34, 60)
 # Seconds: a callback reply never waits on anything outside laibao; WeCom retries after about 5 s.
 _CALLBACK_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5)
 _ANSWER_BUCKETS = (1, 2, 5, 10, 20, 30, 60, 120, 240, 360, 600, 1200)
+_VISIBLE_LAG_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30)  # WeCom polls about once a second
 
 
 class Metrics:
@@ -35,6 +36,10 @@ class Metrics:
         self.first_content = Histogram(
             "laibao_first_content_seconds", "From the relay's start to the first answer text in the store",
             buckets=_FIRST_CONTENT_BUCKETS, registry=self.registry,
+        )
+        self.visible_lag = Histogram(
+            "laibao_visible_lag_seconds", "From an answer chunk's write to the first poll that delivered it to WeCom",
+            buckets=_VISIBLE_LAG_BUCKETS, registry=self.registry,
         )
         self.answer = Histogram("laibao_answer_seconds", "Duration of complete answers", buckets=_ANSWER_BUCKETS,
                                 registry=self.registry)

@@ -24,7 +24,7 @@ from stores.redis_store import RedisStores
 from stores.tokens import open_token_cache
 from stores.turns_store import MemoryTurns, RedisTurns, Turns, session_status
 from stores.users import open_user_store
-from stores.ws_store import MemoryWsStore, RedisWsStore
+from stores.ws_store import MemoryWsStore, RedisWsStore, WsStore
 
 log = logging.getLogger("laibao.runtime")
 
@@ -53,7 +53,7 @@ class Runtime:
         turns: Turns
         media: MediaHold
         if isinstance(stores, RedisStores):
-            turns, media = RedisTurns(stores.client), RedisMediaHold(stores.client)
+            turns, media = RedisTurns(stores.client, stores.keys), RedisMediaHold(stores.client, stores.keys)
         else:
             turns, media = MemoryTurns(session_status(stores.streams)), MemoryMediaHold()
         self.turns = turns
@@ -86,15 +86,18 @@ class Runtime:
                                  inflight=turns.inflight, media=media, tasks=self.tasks, metrics=self.metrics)
             self.bots[bot.name] = BotRuntime(bot, crypto, service)
         # Long-connection bots: one process of the cluster holds each one's WeCom connection.
-        ws_store = RedisWsStore(stores.client) if isinstance(stores, RedisStores) else MemoryWsStore()
+        ws_store: WsStore = MemoryWsStore()
+        if isinstance(stores, RedisStores):
+            ws_store = RedisWsStore(stores.client, stores.keys.prefix)
         self.ws = LongConnections(config, {name: bot.service for name, bot in self.bots.items()}, ws_store,
                                   self.metrics.registry)
 
     @classmethod
     def build(cls, config: Config) -> Runtime:
         """Open the stores and the shared HTTP clients (must run inside the event loop)."""
-        stores = open_stores(config.redis_url or None, pool_size=config.redis_pool_size,
-                             pool_timeout=config.redis_pool_timeout)
+        stores = open_stores(config.redis_url or None, prefix=config.redis_prefix,
+                             sentinel_password=config.redis_sentinel_password or None,
+                             pool_size=config.redis_pool_size, pool_timeout=config.redis_pool_timeout)
         return cls(config, stores, Outbound.from_config(config))
 
     async def start(self) -> None:

@@ -27,6 +27,7 @@ from laibao.errors import AuthError, DifyError, LaibaoError, StoreError
 from laibao.metrics import Metrics
 from laibao.wecom import Callback, stream_reply, text_reply
 from stores.base import DONE, Snapshot, Stores, StreamSession
+from stores.keys import new_sid
 from stores.media_store import MediaHold
 from stores.turns_store import InFlight, TurnQueue
 
@@ -90,31 +91,33 @@ class BotService:
 
     async def accept(self, callback: Callback) -> dict[str, Any]:
         """Record a new message, start its answer and return the first stream reply, without waiting on Dify."""
-        sid = new_id()
+        scope = self.app.scope_of(callback.userid, callback.chatid)
+        # the id carries its scope's hash tag: on a cluster the session shares the slot of its turns
+        sid = new_sid(self.bot.key, scope)
         inbound = read_message(callback, self.bot)
         if inbound.refusal:
             return stream_reply(sid, inbound.refusal, finish=True)
         if not inbound.text and not inbound.media:
             return stream_reply(sid, texts.EMPTY, finish=True)
-        winner = await self.dedupe.claim(self.bot.key, callback.msgid, sid, self.config.msgid_ttl)
+        sender = (self.bot.key, callback.userid, callback.chatid, callback.msgid)
+        winner = await self.dedupe.claim(*sender, sid, self.config.msgid_ttl)
         if winner != sid:
             # WeCom delivered the callback again (maybe to another process): same stream, no second Dify call.
             log.info("bot %s: duplicate msgid, stream %s", self.bot.key, winner)
             return await self.refresh(winner, duplicate=True)
         try:
-            return await self._accept_claimed(sid, callback, inbound)
+            return await self._accept_claimed(sid, scope, callback, inbound)
         except StoreError:
             # Nothing answers this message: free its msgid, so WeCom's redelivery gets a real answer
             # instead of a stream id that leads nowhere.
             try:
-                await self.dedupe.unclaim(self.bot.key, callback.msgid, sid)
+                await self.dedupe.unclaim(*sender, sid)
             except StoreError as exc:
                 log.error("bot %s: could not free the msgid of a message that failed: %s", self.bot.key, exc)
             raise
 
-    async def _accept_claimed(self, sid: str, callback: Callback, inbound: Inbound) -> dict[str, Any]:
+    async def _accept_claimed(self, sid: str, scope: str, callback: Callback, inbound: Inbound) -> dict[str, Any]:
         text, media_in, command = inbound.text, inbound.media, inbound.command
-        scope = self.app.scope_of(callback.userid, callback.chatid)
         # Known staff only, commands included. Decided from laibao's own stores within a short bound;
         # the sign-in (the auth service) happens in the answer job, never on this path.
         admitted = await self._admit(callback.userid)
@@ -233,12 +236,14 @@ class BotService:
 
     async def refresh(self, sid: str, duplicate: bool = False) -> dict[str, Any]:
         """Answer a refresh poll with the cumulative snapshot; finish once the final content is in it."""
-        snapshot = await self.streams.poll(sid, self.bot.key)
+        snapshot = await self.streams.poll(sid, self.bot.key, self.clock())
         if snapshot is None:
             if duplicate:
                 # The first delivery is being set up on another process right now.
                 return stream_reply(sid, self.bot.placeholder, finish=False)
             return stream_reply(sid, texts.EXPIRED, finish=True)
+        for lag in snapshot.lags:
+            self.metrics.visible_lag.observe(max(0.0, lag))
         if not snapshot.finished and self._orphaned(snapshot):
             await self.answers.take_over(sid, snapshot.owner)
         content = self.render(snapshot)

@@ -40,8 +40,16 @@ __all__ = [
 ]
 
 
-def open_stores(redis_url: str | None, *, pool_size: int = 50, pool_timeout: float = 5.0) -> Stores:
+def open_stores(
+    redis_url: str | None,
+    *,
+    prefix: str = "laibao",
+    sentinel_password: str | None = None,
+    pool_size: int = 50,
+    pool_timeout: float = 5.0,
+) -> Stores:
     """Redis stores for ``redis_url`` (a pool of ``pool_size``), or in-process stores when it is None or empty."""
     if not redis_url:
         return MemoryStores()
-    return RedisStores(redis_url, pool_size=pool_size, pool_timeout=pool_timeout)
+    return RedisStores(redis_url, prefix=prefix, sentinel_password=sentinel_password, pool_size=pool_size,
+                       pool_timeout=pool_timeout)

@@ -66,6 +66,8 @@ class Snapshot:
     deadline: float
     final_delivered: bool  # an EARLIER poll already returned this session in a terminal status
     items: str = ""  # once finished: the extra "items" (the finishing reply's images, JSON), else ""
+    # per chunk this poll was the first to deliver: seconds since it was written (when ``now`` was given)
+    lags: tuple[float, ...] = ()
 
     @property
     def finished(self) -> bool:
@@ -114,9 +116,10 @@ class StreamStore(Protocol):
         """Set Dify ids or extras on an existing session, whoever owns it; False if it is missing."""
         ...
 
-    async def poll(self, sid: str, bot: str = "") -> Snapshot | None:
+    async def poll(self, sid: str, bot: str = "", now: float | None = None) -> Snapshot | None:
         """Read everything in one round trip, marking the chunks read; None if unknown, expired or (when
-        ``bot`` is given) another bot's, which then changes nothing."""
+        ``bot`` is given) another bot's, which then changes nothing. With ``now``, each chunk's read
+        flag records when it was first delivered, and the snapshot's ``lags`` how long after its write."""
         ...
 
     async def take_over(self, sid: str, new_owner: str, now: float, lease: float) -> bool:
@@ -131,11 +134,14 @@ class StreamStore(Protocol):
 class DedupeStore(Protocol):
     """WeCom message ids already seen, so a redelivered callback finds its stream."""
 
-    async def claim(self, bot: str, msgid: str, sid: str, ttl: float) -> str:
-        """Store ``sid`` for the message if none is stored; return the stream id now stored."""
+    async def claim(self, bot: str, user: str, chat: str, msgid: str, sid: str, ttl: float) -> str:
+        """Store ``sid`` for the message if none is stored; return the stream id now stored.
+
+        The claim is the sender's: another user (or chat) reusing the msgid claims another key.
+        """
         ...
 
-    async def unclaim(self, bot: str, msgid: str, sid: str) -> bool:
+    async def unclaim(self, bot: str, user: str, chat: str, msgid: str, sid: str) -> bool:
         """Drop the claim if ``sid`` holds it (its session could not be recorded); True if dropped."""
         ...
 

@@ -1,6 +1,6 @@
 """Media a user sent without text, held for a few minutes to go with their next text message.
 
-    laibao:media:{bot}:{scope}   list   JSON items in the order received; the TTL is re-armed by each add
+One Redis list per scope (``Keys.media``): JSON items in the order received; each add re-arms the TTL.
 
 ``take`` returns and clears the list in one atomic step, so of two messages racing on different
 processes exactly one gets the held media. The list keeps at most ``max_items`` (the newest): a user
@@ -14,10 +14,10 @@ import time
 from collections.abc import Mapping
 from typing import Any, Protocol
 
-import redis.asyncio as aioredis
-
+from stores.connection import Client
+from stores.errors import redis_errors, ttl_ms
+from stores.keys import Keys
 from stores.memory_store import Clock, ExpiringMap
-from stores.redis_store import redis_errors, ttl_ms
 
 DEFAULT_MAX_ITEMS = 20
 
@@ -46,16 +46,16 @@ def _encode(item: Mapping[str, Any]) -> str:
 class RedisMediaHold:
     """Held media as one Redis list per scope."""
 
-    def __init__(self, client: aioredis.Redis, prefix: str = "laibao", max_items: int = DEFAULT_MAX_ITEMS) -> None:
+    def __init__(self, client: Client, keys: Keys | None = None, max_items: int = DEFAULT_MAX_ITEMS) -> None:
         if max_items < 1:
             raise ValueError(f"max_items must be at least 1, not {max_items}")
         self._client = client
-        self._prefix = prefix
+        self._keys = keys or Keys()
         self._max_items = max_items
 
     def key(self, bot: str, scope: str) -> str:
         """The list key of a scope."""
-        return f"{self._prefix}:media:{bot}:{scope}"
+        return self._keys.media(bot, scope)
 
     async def add(self, bot: str, scope: str, item: Mapping[str, Any], ttl: float) -> int:
         """Append ``item`` and keep the scope's list ``ttl`` seconds more; return how many are held."""
@@ -89,6 +89,9 @@ class RedisMediaHold:
         return items
 
 
+_KEYS = Keys()  # the memory map is keyed by the Redis key names
+
+
 class MemoryMediaHold:
     """Held media for a single process (no method awaits, so each is atomic on the event loop)."""
 
@@ -104,14 +107,14 @@ class MemoryMediaHold:
         """Append ``item`` and keep the scope's list ``ttl`` seconds more; return how many are held."""
         value = _encode(item)
         ttl_ms(ttl)  # the same refusal of a non-positive TTL as Redis
-        key = f"{bot}\0{scope}"
+        key = _KEYS.media(bot, scope)
         held = [*(self._lists.get(key) or []), value][-self._max_items :]
         self._lists.put(key, held, ttl)
         return len(held)
 
     async def take(self, bot: str, scope: str) -> list[dict[str, Any]]:
         """Return the held items in the order they were added, and clear them (atomically)."""
-        key = f"{bot}\0{scope}"
+        key = _KEYS.media(bot, scope)
         held = self._lists.get(key) or []
         self._lists.pop(key)
         # Stored as JSON text, like Redis: a caller mutating an item it added or took changes nothing held.

@@ -25,8 +25,10 @@ from stores.base import (
     Snapshot,
     StreamSession,
 )
+from stores.keys import Keys
 
 V = TypeVar("V")
+_KEYS = Keys()  # the maps are keyed by the Redis key names, so the same parts collide and no others
 
 Clock = Callable[[], float]
 
@@ -123,6 +125,7 @@ class _Session:
     ttl: float
     chunks: list[str] = field(default_factory=list)
     read: list[bool] = field(default_factory=list)
+    written: list[float] = field(default_factory=list)  # when each chunk was written (0: unknown)
     fin: bool = False  # a poll has returned the terminal status
 
 
@@ -162,6 +165,7 @@ class MemoryStreamStore:
             # as in Redis, a count without chunk fields reads as that many empty, unread chunks
             chunks=[""] * session.n,
             read=[False] * session.n,
+            written=[0.0] * session.n,
         )
         self._sessions.put(session.sid, record, ttl)
 
@@ -212,6 +216,7 @@ class MemoryStreamStore:
             return True
         s.chunks.append(text)
         s.read.append(False)
+        s.written.append(float(now))
         s.status = STREAMING
         s.heartbeat = float(now)
         self._sessions.touch(sid, s.ttl)
@@ -224,6 +229,7 @@ class MemoryStreamStore:
             return False
         s.chunks = [text]
         s.read = [False]
+        s.written = [float(now)]
         s.status = STREAMING
         s.heartbeat = float(now)
         self._sessions.touch(sid, s.ttl)
@@ -244,6 +250,7 @@ class MemoryStreamStore:
         if text:
             s.chunks.append(text)
             s.read.append(False)
+            s.written.append(float(now))
         s.status = status
         s.heartbeat = float(now)
         for name, value in fields.items():
@@ -275,12 +282,14 @@ class MemoryStreamStore:
         self._sessions.touch(sid, s.ttl)
         return True
 
-    async def poll(self, sid: str, bot: str = "") -> Snapshot | None:
+    async def poll(self, sid: str, bot: str = "", now: float | None = None) -> Snapshot | None:
         """Read everything, marking the chunks read; None if unknown, expired or another bot's."""
         s = self._sessions.get(sid)
         if s is None or (bot and s.bot != bot):
             return None
         unread = s.read.count(False)
+        lags = () if now is None else tuple(
+            now - written for written, read in zip(s.written, s.read, strict=True) if not read and written > 0)
         s.read = [True] * len(s.chunks)
         delivered = s.fin
         if s.status in TERMINAL:
@@ -295,6 +304,7 @@ class MemoryStreamStore:
             deadline=s.deadline,
             final_delivered=delivered,
             items=s.extra.get("items", "") if s.status in TERMINAL else "",
+            lags=lags,
         )
 
     async def take_over(self, sid: str, new_owner: str, now: float, lease: float) -> bool:
@@ -329,19 +339,19 @@ class MemoryDedupeStore:
     def __init__(self, max_entries: int, clock: Clock) -> None:
         self._claims: ExpiringMap[str] = ExpiringMap(max_entries, clock)
 
-    async def claim(self, bot: str, msgid: str, sid: str, ttl: float) -> str:
-        """Store ``sid`` for the message if none is stored; return the stream id now stored."""
+    async def claim(self, bot: str, user: str, chat: str, msgid: str, sid: str, ttl: float) -> str:
+        """Store ``sid`` for the sender's message if none is stored; return the stream id now stored."""
         _check_ttl(ttl)
-        key = f"{bot}:{msgid}"  # joined as in the Redis key, so the same pairs collide
+        key = _KEYS.msgid(bot, user, chat, msgid)  # the Redis key names: the same tuples collide, no others
         current = self._claims.get(key)
         if current is not None:
             return current
         self._claims.put(key, sid, ttl)
         return sid
 
-    async def unclaim(self, bot: str, msgid: str, sid: str) -> bool:
+    async def unclaim(self, bot: str, user: str, chat: str, msgid: str, sid: str) -> bool:
         """Forget the message's claim if ``sid`` holds it, so a redelivery starts afresh."""
-        key = f"{bot}:{msgid}"
+        key = _KEYS.msgid(bot, user, chat, msgid)
         if self._claims.get(key) != sid:
             return False
         self._claims.pop(key)
@@ -356,16 +366,16 @@ class MemoryConversationStore:
 
     async def get(self, bot: str, scope: str) -> str | None:
         """The conversation id for the scope, or None."""
-        return self._conversations.get(f"{bot}:{scope}")
+        return self._conversations.get(_KEYS.conversation(bot, scope))
 
     async def set(self, bot: str, scope: str, conversation_id: str, ttl: float) -> None:
         """Remember the conversation id for ``ttl`` seconds."""
         _check_ttl(ttl)
-        self._conversations.put(f"{bot}:{scope}", conversation_id, ttl)
+        self._conversations.put(_KEYS.conversation(bot, scope), conversation_id, ttl)
 
     async def delete(self, bot: str, scope: str) -> None:
         """Forget the scope's conversation (``/new``)."""
-        self._conversations.pop(f"{bot}:{scope}")
+        self._conversations.pop(_KEYS.conversation(bot, scope))
 
 
 class MemoryStores:

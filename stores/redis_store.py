@@ -1,11 +1,7 @@
 """The Redis stores shared by every laibao process.
 
-Keys (``laibao`` is the prefix):
-
-    laibao:stream:{sid}          hash    the session fields, ``n``, chunks ``c:{i}``, read flags ``r:{i}``,
-                                         ``fin`` (final content delivered), ``ttl``, extras ``x:{name}``
-    laibao:msgid:{bot}:{msgid}   string  the stream id of a WeCom message (set if absent)
-    laibao:conv:{bot}:{scope}    string  the Dify conversation id of a scope
+Keys: see ``stores.keys``. A session hash holds its fields, ``n``, chunks ``c:{i}``, read flags
+``r:{i}``, ``fin`` (final content delivered), ``ttl`` and extras ``x:{name}``.
 
 Every read-modify-write is one Lua script (atomic, one round trip). Redis errors leave this module
 as ``StoreError``.
@@ -13,20 +9,26 @@ as ``StoreError``.
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+import asyncio
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialWithJitterBackoff
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
+from redis.crc import key_slot
 from redis.typing import EncodableT, FieldT
 
-from laibao.errors import StoreError
-from stores.base import DIFY_FIELDS, DONE, ERROR, TERMINAL, ChunkWrite, Snapshot, StreamSession
+from stores.base import DIFY_FIELDS, DONE, ERROR, QUEUED, STREAMING, TERMINAL, ChunkWrite, Snapshot, StreamSession
+from stores.connection import Client, close, connect, describe, is_cluster, register
+from stores.errors import redis_errors, ttl_ms
+from stores.keys import DEFAULT_PREFIX, Keys
+
+__all__ = ["RedisStores", "lua", "redis_errors", "ttl_ms"]
+
+
+def lua(script: str) -> str:
+    """A script with the status values filled in from Python (``$DONE`` ...), so both sides share them."""
+    for name, value in (("$DONE", DONE), ("$ERROR", ERROR), ("$STREAMING", STREAMING), ("$QUEUED", QUEUED)):
+        script = script.replace(name, f"'{value}'")
+    return script
 
 # ---------------------------------------------------------------------------------------------------
 # Lua scripts. Times travel as Python float reprs and are stored verbatim, so both implementations
@@ -39,7 +41,7 @@ from stores.base import DIFY_FIELDS, DONE, ERROR, TERMINAL, ChunkWrite, Snapshot
 # nothing); otherwise leaves h = {status, owner, n, ttl} and refresh() for the body.
 _OWNED_PRELUDE = """
 local h = redis.call('HMGET', KEYS[1], 'status', 'owner', 'n', 'ttl')
-if not h[1] or h[1] == 'done' or h[1] == 'error' or ARGV[1] == '' or h[2] ~= ARGV[1] then
+if not h[1] or h[1] == $DONE or h[1] == $ERROR or ARGV[1] == '' or h[2] ~= ARGV[1] then
   return 0
 end
 local function refresh()
@@ -61,8 +63,8 @@ local n = tonumber(h[3]) or 0
 local want = tonumber(ARGV[4] or '')
 -- the owner is the only writer, so a count already past the index means this very write landed
 if want and want < n then return 1 end
-redis.call('HSET', KEYS[1], 'c:' .. n, ARGV[2], 'r:' .. n, '0', 'n', n + 1,
-           'status', 'streaming', 'heartbeat', ARGV[3])
+redis.call('HSET', KEYS[1], 'c:' .. n, ARGV[2], 'r:' .. n, ARGV[3], 'n', n + 1,
+           'status', $STREAMING, 'heartbeat', ARGV[3])
 refresh()
 return 1
 """
@@ -88,7 +90,7 @@ for i = 1, n - 1 do
   end
 end
 if #names > 0 then redis.call('HDEL', KEYS[1], unpack(names)) end
-redis.call('HSET', KEYS[1], 'c:0', ARGV[2], 'r:0', '0', 'n', 1, 'status', 'streaming', 'heartbeat', ARGV[3])
+redis.call('HSET', KEYS[1], 'c:0', ARGV[2], 'r:0', ARGV[3], 'n', 1, 'status', $STREAMING, 'heartbeat', ARGV[3])
 refresh()
 return 1
 """
@@ -114,7 +116,7 @@ if ARGV[3] ~= '' then
   set[#set + 1] = 'c:' .. n
   set[#set + 1] = ARGV[3]
   set[#set + 1] = 'r:' .. n
-  set[#set + 1] = '0'
+  set[#set + 1] = ARGV[4]
   set[#set + 1] = 'n'
   set[#set + 1] = n + 1
 end
@@ -168,7 +170,7 @@ for i = 1, #KEYS do
   local owner, text, want, mode = ARGV[base], ARGV[base + 1], tonumber(ARGV[base + 2]), ARGV[base + 3]
   local h = redis.call('HMGET', key, 'status', 'owner', 'n', 'ttl')
   local ok = 0
-  if h[1] and h[1] ~= 'done' and h[1] ~= 'error' and owner ~= '' and h[2] == owner then
+  if h[1] and h[1] ~= $DONE and h[1] ~= $ERROR and owner ~= '' and h[2] == owner then
     local n = tonumber(h[3]) or 0
     ok = 1
     if mode == 'r' then
@@ -182,9 +184,9 @@ for i = 1, #KEYS do
         end
       end
       if #names > 0 then redis.call('HDEL', key, unpack(names)) end
-      redis.call('HSET', key, 'c:0', text, 'r:0', '0', 'n', 1, 'status', 'streaming', 'heartbeat', ARGV[1])
+      redis.call('HSET', key, 'c:0', text, 'r:0', ARGV[1], 'n', 1, 'status', $STREAMING, 'heartbeat', ARGV[1])
     elseif not (want < n) then
-      redis.call('HSET', key, 'c:' .. n, text, 'r:' .. n, '0', 'n', n + 1, 'status', 'streaming',
+      redis.call('HSET', key, 'c:' .. n, text, 'r:' .. n, ARGV[1], 'n', n + 1, 'status', $STREAMING,
                  'heartbeat', ARGV[1])
     end
     local ttl = tonumber(h[4])
@@ -201,10 +203,10 @@ TAKE_OVER_LUA = """
 -- returns 1 if ARGV[1] now owns the session (it was running and unowned or its heartbeat older than
 -- the lease), else 0; the script runs alone, so of several racers exactly one wins
 local h = redis.call('HMGET', KEYS[1], 'status', 'owner', 'heartbeat', 'ttl')
-if not h[1] or h[1] == 'done' or h[1] == 'error' then return 0 end
+if not h[1] or h[1] == $DONE or h[1] == $ERROR then return 0 end
 local owner = h[2] or ''
 if owner ~= '' and not (tonumber(ARGV[2]) - (tonumber(h[3]) or 0) > tonumber(ARGV[3])) then return 0 end
-redis.call('HSET', KEYS[1], 'owner', ARGV[1], 'heartbeat', ARGV[2], 'status', 'queued')
+redis.call('HSET', KEYS[1], 'owner', ARGV[1], 'heartbeat', ARGV[2], 'status', $QUEUED)
 local ttl = tonumber(h[4])
 if ttl and ttl > 0 then redis.call('PEXPIRE', KEYS[1], math.max(1, math.floor(ttl * 1000 + 0.5))) end
 return 1
@@ -212,16 +214,23 @@ return 1
 
 POLL_LUA = """
 -- KEYS[1] stream key
--- ARGV[1] the polling bot ('' = any)
+-- ARGV[1] the polling bot ('' = any), ARGV[2] now ('' = not given)
 -- returns nil if the session is missing or belongs to another bot (nothing changes then), else
---   {status, content, n, unread, owner, heartbeat, deadline, final_delivered (0/1), items ('' unless over)}
--- and marks every chunk read; a terminal status also marks the final content delivered ('fin')
+--   {status, content, n, unread, owner, heartbeat, deadline, final_delivered (0/1), items ('' unless over),
+--    lags}
+-- and marks every chunk read; a terminal status also marks the final content delivered ('fin').
+-- A chunk's read flag r:{i} holds its write time until delivered, then 'd' .. the time of the first
+-- poll that delivered it ('1' when no time was given); lags lists now - write time of those chunks
 local h = redis.call('HMGET', KEYS[1], 'status', 'n', 'owner', 'heartbeat', 'deadline', 'fin', 'bot')
 if not h[1] then return false end
 if ARGV[1] ~= '' and h[7] ~= ARGV[1] then return false end
 local n = tonumber(h[2]) or 0
+local now = tonumber(ARGV[2] or '')
+local mark = '1'
+if now then mark = 'd' .. ARGV[2] end
 local parts = {}
 local unread = {}
+local lags = {}
 local i = 0
 -- HMGET / HSET in batches so a long answer never exceeds Lua's unpack() limit
 while i < n do
@@ -234,9 +243,12 @@ while i < n do
   local vals = redis.call('HMGET', KEYS[1], unpack(names))
   for k = 1, #names, 2 do
     parts[#parts + 1] = vals[k] or ''
-    if vals[k + 1] ~= '1' then
+    local flag = vals[k + 1] or ''
+    if flag ~= '1' and string.sub(flag, 1, 1) ~= 'd' then
       unread[#unread + 1] = names[k + 1]
-      unread[#unread + 1] = '1'
+      unread[#unread + 1] = mark
+      local written = tonumber(flag)
+      if now and written and written > 0 then lags[#lags + 1] = tostring(now - written) end
     end
   end
   i = j
@@ -247,10 +259,10 @@ for k = 1, #unread, 2000 do
 end
 local fin = 0
 if h[6] == '1' then fin = 1 end
-if (h[1] == 'done' or h[1] == 'error') and fin == 0 then redis.call('HSET', KEYS[1], 'fin', '1') end
+if (h[1] == $DONE or h[1] == $ERROR) and fin == 0 then redis.call('HSET', KEYS[1], 'fin', '1') end
 local items = ''
-if h[1] == 'done' or h[1] == 'error' then items = redis.call('HGET', KEYS[1], 'x:items') or '' end
-return {h[1], table.concat(parts), n, count, h[3] or '', h[4] or '0', h[5] or '0', fin, items}
+if h[1] == $DONE or h[1] == $ERROR then items = redis.call('HGET', KEYS[1], 'x:items') or '' end
+return {h[1], table.concat(parts), n, count, h[3] or '', h[4] or '0', h[5] or '0', fin, items, lags}
 """
 
 ANNOTATE_LUA = """
@@ -304,28 +316,13 @@ return ARGV[1]
 # Writes per COMMIT_LUA call: a script blocks Redis while it runs, so a huge batch goes as several
 # calls in one pipeline (still one round trip).
 COMMIT_GROUP = 200
+# Script calls in flight at once for one commit on a cluster (one per slot): under the per-node pool.
+COMMIT_PARALLEL = 16
 
 # The session fields stored under their own names (sid is in the key, extras under "x:").
 _TEXT_FIELDS = ("bot", "user", "chat", "query", "scope", "response_url", "owner", "status",
                 "conversation_id", "message_id", "task_id")
 _FLOAT_FIELDS = ("created", "deadline", "heartbeat")
-
-
-@contextmanager
-def redis_errors(operation: str) -> Iterator[None]:
-    """Turn Redis (and socket) failures into StoreError; the message names the operation only."""
-    try:
-        yield
-    except (RedisError, OSError) as exc:
-        # Redis error texts name the server and the failure, never the values sent
-        raise StoreError(f"redis {operation} failed: {type(exc).__name__}: {str(exc)[:200]}") from exc
-
-
-def ttl_ms(ttl: float) -> int:
-    """A positive TTL in whole milliseconds, as PX / PEXPIRE want it."""
-    if not ttl > 0:
-        raise ValueError(f"ttl must be positive, not {ttl!r}")
-    return max(1, math.floor(ttl * 1000 + 0.5))
 
 
 def _float(value: str | None) -> float:
@@ -335,23 +332,24 @@ def _float(value: str | None) -> float:
 class RedisStreamStore:
     """Stream sessions as one Redis hash each."""
 
-    def __init__(self, client: aioredis.Redis, prefix: str) -> None:
+    def __init__(self, client: Client, keys: Keys) -> None:
         self._client = client
-        self._prefix = prefix
-        self._append = client.register_script(APPEND_LUA)
-        self._replace = client.register_script(REPLACE_LUA)
-        self._finish = client.register_script(FINISH_LUA)
-        self._heartbeat = client.register_script(HEARTBEAT_LUA)
-        self._release = client.register_script(RELEASE_LUA)
-        self._take_over = client.register_script(TAKE_OVER_LUA)
-        self._commit = client.register_script(COMMIT_LUA)
-        self._poll = client.register_script(POLL_LUA)
-        self._get = client.register_script(GET_LUA)
-        self._annotate = client.register_script(ANNOTATE_LUA)
+        self._keys = keys
+        self._cluster = is_cluster(client)
+        self._append = register(client, lua(APPEND_LUA))
+        self._replace = register(client, lua(REPLACE_LUA))
+        self._finish = register(client, lua(FINISH_LUA))
+        self._heartbeat = register(client, lua(HEARTBEAT_LUA))
+        self._release = register(client, lua(RELEASE_LUA))
+        self._take_over = register(client, lua(TAKE_OVER_LUA))
+        self._commit = register(client, lua(COMMIT_LUA))
+        self._poll = register(client, lua(POLL_LUA))
+        self._get = register(client, lua(GET_LUA))
+        self._annotate = register(client, lua(ANNOTATE_LUA))
 
     def key(self, sid: str) -> str:
         """The hash key of a session."""
-        return f"{self._prefix}:stream:{sid}"
+        return self._keys.stream(sid)
 
     async def create(self, session: StreamSession, ttl: float) -> None:
         """Store a new session (replacing any with the same id) that lives ``ttl`` s after each write."""
@@ -413,6 +411,8 @@ class RedisStreamStore:
         if not writes:
             return []
         stamp = repr(float(now))
+        if self._cluster:
+            return await self._commit_cluster(writes, stamp)
         groups = [writes[i:i + COMMIT_GROUP] for i in range(0, len(writes), COMMIT_GROUP)]
         with redis_errors("commit"):
             if len(groups) == 1:
@@ -423,6 +423,27 @@ class RedisStreamStore:
                         await self._commit_call(group, stamp, pipe)
                     replies = await pipe.execute()
         return [bool(result) for reply in replies for result in reply]
+
+    async def _commit_cluster(self, writes: Sequence[ChunkWrite], stamp: str) -> list[bool]:
+        """On a cluster a script call keeps to one slot: one call per slot (a scope's streams share
+        one), a few at a time; each call is atomic for its streams, as the single call is elsewhere."""
+        slots: dict[int, list[int]] = {}
+        for i, write in enumerate(writes):
+            slots.setdefault(key_slot(self.key(write.sid).encode()), []).append(i)
+        results = [False] * len(writes)
+        gate = asyncio.Semaphore(COMMIT_PARALLEL)
+
+        async def one(indexes: list[int]) -> None:
+            group = [writes[i] for i in indexes]
+            async with gate:
+                reply = await self._commit_call(group, stamp, self._client)
+            for i, result in zip(indexes, reply, strict=True):
+                results[i] = bool(result)
+
+        with redis_errors("commit"):
+            await asyncio.gather(*(one(indexes[k:k + COMMIT_GROUP]) for indexes in slots.values()
+                                   for k in range(0, len(indexes), COMMIT_GROUP)))
+        return results
 
     async def _commit_call(self, group: Sequence[ChunkWrite], stamp: str, client: Any) -> Any:
         args: list[EncodableT] = [stamp]
@@ -462,13 +483,14 @@ class RedisStreamStore:
         with redis_errors("heartbeat"):
             return bool(await self._heartbeat(keys=[self.key(sid)], args=[owner, repr(float(now))]))
 
-    async def poll(self, sid: str, bot: str = "") -> Snapshot | None:
+    async def poll(self, sid: str, bot: str = "", now: float | None = None) -> Snapshot | None:
         """Read everything in one round trip, marking the chunks read; None if unknown, expired or another bot's."""
+        stamp = "" if now is None else repr(float(now))
         with redis_errors("poll"):
-            reply: Sequence[Any] | None = await self._poll(keys=[self.key(sid)], args=[bot])
+            reply: Sequence[Any] | None = await self._poll(keys=[self.key(sid)], args=[bot, stamp])
         if reply is None:
             return None
-        status, content, n, unread, owner, heartbeat, deadline, fin, items = reply
+        status, content, n, unread, owner, heartbeat, deadline, fin, items, lags = reply
         return Snapshot(
             status=status,
             content=content,
@@ -479,6 +501,7 @@ class RedisStreamStore:
             deadline=_float(deadline),
             final_delivered=bool(fin),
             items=items,
+            lags=tuple(float(lag) for lag in lags),
         )
 
     async def take_over(self, sid: str, new_owner: str, now: float, lease: float) -> bool:
@@ -501,35 +524,32 @@ class RedisStreamStore:
 class RedisDedupeStore:
     """WeCom message ids as set-if-absent strings."""
 
-    def __init__(self, client: aioredis.Redis, prefix: str) -> None:
-        self._prefix = prefix
-        self._claim = client.register_script(CLAIM_LUA)
-        self._unclaim = client.register_script(UNCLAIM_LUA)
+    def __init__(self, client: Client, keys: Keys) -> None:
+        self._keys = keys
+        self._claim = register(client, lua(CLAIM_LUA))
+        self._unclaim = register(client, lua(UNCLAIM_LUA))
 
-    def _key(self, bot: str, msgid: str) -> str:
-        return f"{self._prefix}:msgid:{bot}:{msgid}"
-
-    async def claim(self, bot: str, msgid: str, sid: str, ttl: float) -> str:
-        """Store ``sid`` for the message if none is stored; return the stream id now stored."""
+    async def claim(self, bot: str, user: str, chat: str, msgid: str, sid: str, ttl: float) -> str:
+        """Store ``sid`` for the sender's message if none is stored; return the stream id now stored."""
         px = ttl_ms(ttl)
         with redis_errors("claim"):
-            return str(await self._claim(keys=[self._key(bot, msgid)], args=[sid, px]))
+            return str(await self._claim(keys=[self._keys.msgid(bot, user, chat, msgid)], args=[sid, px]))
 
-    async def unclaim(self, bot: str, msgid: str, sid: str) -> bool:
+    async def unclaim(self, bot: str, user: str, chat: str, msgid: str, sid: str) -> bool:
         """Forget the message's claim if ``sid`` holds it, so a redelivery starts afresh."""
         with redis_errors("unclaim"):
-            return bool(await self._unclaim(keys=[self._key(bot, msgid)], args=[sid]))
+            return bool(await self._unclaim(keys=[self._keys.msgid(bot, user, chat, msgid)], args=[sid]))
 
 
 class RedisConversationStore:
     """Dify conversation ids as plain strings with a TTL."""
 
-    def __init__(self, client: aioredis.Redis, prefix: str) -> None:
+    def __init__(self, client: Client, keys: Keys) -> None:
         self._client = client
-        self._prefix = prefix
+        self._keys = keys
 
     def _key(self, bot: str, scope: str) -> str:
-        return f"{self._prefix}:conv:{bot}:{scope}"
+        return self._keys.conversation(bot, scope)
 
     async def get(self, bot: str, scope: str) -> str | None:
         """The conversation id for the scope, or None."""
@@ -551,48 +571,35 @@ class RedisConversationStore:
 
 
 class RedisStores:
-    """All Redis-backed stores over one connection pool."""
+    """All Redis-backed stores over one client (plain, Sentinel or Cluster: see ``stores.connection``)."""
 
     def __init__(
         self,
         url: str,
         *,
-        prefix: str = "laibao",
+        prefix: str = DEFAULT_PREFIX,
+        sentinel_password: str | None = None,
         connect_timeout: float = 2.0,
         timeout: float = 5.0,
         pool_size: int = 50,
         pool_timeout: float = 5.0,
     ) -> None:
-        # One quick retry, on connection errors only: it covers a pooled socket the server closed
-        # (restart, idle timeout). A timeout is not retried: the script may have run, and running
-        # append twice would duplicate a chunk. The redis-py default (10 retries) would stall a
-        # relay for seconds while Redis is down instead of failing it with a clear message.
-        retry = Retry(ExponentialWithJitterBackoff(base=0.05, cap=0.5), retries=1,
-                      supported_errors=(RedisConnectionError,))
-        # A burst waits (up to pool_timeout) for a free connection instead of failing at once, as the
-        # default pool does past its size: a busy Redis makes answers slower, never refused.
-        pool = aioredis.BlockingConnectionPool.from_url(
-            url,
-            max_connections=pool_size,
-            timeout=pool_timeout,
-            decode_responses=True,
-            # any Python str round-trips, as in the memory store (JSON may carry a lone surrogate)
-            encoding_errors="surrogatepass",
-            socket_connect_timeout=connect_timeout,
-            socket_timeout=timeout,
-            health_check_interval=30,
-            retry=retry,
-        )
-        self.client: aioredis.Redis = aioredis.Redis.from_pool(pool)
-        self.streams = RedisStreamStore(self.client, prefix)
-        self.dedupe = RedisDedupeStore(self.client, prefix)
-        self.conversations = RedisConversationStore(self.client, prefix)
+        self.client: Client = connect(url, sentinel_password=sentinel_password, pool_size=pool_size,
+                                      pool_timeout=pool_timeout, connect_timeout=connect_timeout, timeout=timeout)
+        self.keys = Keys(prefix)
+        self.streams = RedisStreamStore(self.client, self.keys)
+        self.dedupe = RedisDedupeStore(self.client, self.keys)
+        self.conversations = RedisConversationStore(self.client, self.keys)
 
     async def ping(self) -> None:
         """Raise StoreError if Redis cannot be reached."""
         with redis_errors("ping"):
             await self.client.ping()
 
+    async def describe(self) -> str:
+        """The mode and what it reached, for ``laibao check``."""
+        return await describe(self.client)
+
     async def close(self) -> None:
-        """Close the connection pool."""
-        await self.client.aclose()
+        """Close the connections."""
+        await close(self.client)

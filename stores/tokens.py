@@ -4,9 +4,12 @@ Keys (the layout existing deployments of this design already use, so they can sh
 
     authorization:wechatid:{userid}   string  the user's current token            TTL = token lifetime
     authorization:token:{token}       string  user info JSON                      TTL = token lifetime
-    laibao:auth:lock:{userid}         string  id of the process signing the user in (short TTL)
+    {p}:auth:lock:{userid}            string  id of the process signing the user in (short TTL)
 
-Invalidations travel on the pub/sub channel ``laibao:auth:invalidate`` (the message is the userid),
+The two ``authorization:*`` names carry no prefix and no hash tag, so on a cluster they land in
+different slots: every step touches one of them only (the info is written before the pointer and
+dropped before it), and each step is safe alone. Invalidations travel on the pub/sub channel
+``{p}:auth:invalidate`` (the message is the userid; classic pub/sub reaches every cluster node),
 so every process drops its local copy of a token found invalid. The Redis implementation keeps its
 own client; Redis failures leave it as ``StoreError``. The memory implementation is for one process.
 """
@@ -20,20 +23,15 @@ import logging
 import time
 import uuid
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
-import redis.asyncio as aioredis
-from redis.asyncio.client import PubSub
-from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialWithJitterBackoff
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
+from redis.asyncio.lock import Lock
+from redis.exceptions import LockError, RedisError
 
+from stores.connection import Client, close, connect, register
+from stores.errors import redis_errors, ttl_ms
+from stores.keys import DEFAULT_PREFIX, Keys
 from stores.memory_store import ExpiringMap
-from stores.redis_store import redis_errors, ttl_ms
-
-if TYPE_CHECKING:
-    from laibao.config import Config
 
 __all__ = [
     "EVERY_USER",
@@ -48,7 +46,7 @@ __all__ = [
 
 log = logging.getLogger("laibao.tokens")
 
-INVALIDATE_CHANNEL = "laibao:auth:invalidate"
+INVALIDATE_CHANNEL = Keys().invalidate_channel
 # What the listener hands its callback after it had to resubscribe: invalidations published while it
 # was disconnected are lost, so every local entry must go. No WeCom userid contains "*".
 EVERY_USER = "*"
@@ -68,7 +66,7 @@ def token_key(token: str) -> str:
 
 def lock_key(userid: str) -> str:
     """The key of the user's sign-in lock."""
-    return f"laibao:auth:lock:{userid}"
+    return Keys().auth_lock(userid)
 
 
 class TokenCache(Protocol):
@@ -195,30 +193,18 @@ class MemoryTokenCache:
 
 # ------------------------------------------------------------------------------------------- Redis
 
-DROP_LUA = """
--- KEYS[1] authorization:wechatid:{userid}, KEYS[2] authorization:token:{token}
+DROP_POINTER_LUA = """
+-- KEYS[1] authorization:wechatid:{userid}
 -- ARGV[1] token
--- Deletes the token's info, and the user's pointer only while it still names this token, so that
--- dropping an old token never removes a fresher one another process has just stored.
+-- Deletes the user's pointer only while it still names this token, so that dropping an old token
+-- never removes a fresher one another process has just stored.
 -- returns 1 if the user's pointer was removed, else 0
-redis.call('DEL', KEYS[2])
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   redis.call('DEL', KEYS[1])
   return 1
 end
 return 0
 """
-
-RELEASE_LOCK_LUA = """
--- KEYS[1] laibao:auth:lock:{userid}
--- ARGV[1] the lock id the holder got from acquire_lock
--- returns 1 if the lock was released, 0 if it had expired or belongs to another holder
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('DEL', KEYS[1])
-end
-return 0
-"""
-
 
 class RedisTokenCache:
     """Tokens in Redis for every process, on this cache's own client."""
@@ -227,24 +213,18 @@ class RedisTokenCache:
         self,
         url: str,
         *,
+        prefix: str = DEFAULT_PREFIX,
+        sentinel_password: str | None = None,
         connect_timeout: float = 2.0,
         timeout: float = 5.0,
         reconnect_delays: tuple[float, float] = (0.1, 5.0),
     ) -> None:
-        # One quick retry on connection errors covers a pooled socket the server closed; an outage
-        # fails fast with StoreError instead of stalling the message behind redis-py's retries.
-        retry = Retry(ExponentialWithJitterBackoff(base=0.05, cap=0.5), retries=1,
-                      supported_errors=(RedisConnectionError,))
-        self.client: aioredis.Redis = aioredis.Redis.from_url(
-            url,
-            decode_responses=True,
-            socket_connect_timeout=connect_timeout,
-            socket_timeout=timeout,
-            health_check_interval=30,
-            retry=retry,
-        )
-        self._drop = self.client.register_script(DROP_LUA)
-        self._release = self.client.register_script(RELEASE_LOCK_LUA)
+        # Its own small client (the listener holds a connection for good), from the one factory.
+        self.client: Client = connect(url, sentinel_password=sentinel_password, pool_size=10,
+                                      connect_timeout=connect_timeout, timeout=timeout)
+        self._keys = Keys(prefix)
+        self._channel = self._keys.invalidate_channel
+        self._drop = register(self.client, DROP_POINTER_LUA)
         self._connect_timeout = connect_timeout
         self._reconnect_delays = reconnect_delays
         self._listener: asyncio.Task[None] | None = None
@@ -264,11 +244,9 @@ class RedisTokenCache:
         """Make ``token`` the user's current token, with ``info``, both for ``ttl`` seconds."""
         px = ttl_ms(ttl)
         with redis_errors("put token"):
-            # MULTI/EXEC: a reader sees both keys or neither; the info is written first regardless
-            async with self.client.pipeline(transaction=True) as pipe:
-                pipe.set(token_key(token), _dump_info(info), px=px)
-                pipe.set(user_key(userid), token, px=px)
-                await pipe.execute()
+            # two slots on a cluster: the info first, so a reader that finds the pointer finds the info
+            await self.client.set(token_key(token), _dump_info(info), px=px)
+            await self.client.set(user_key(userid), token, px=px)
 
     async def drop(self, userid: str, token: str = "") -> None:
         """Forget ``token`` (the current one when empty); a newer token of the user is kept."""
@@ -277,24 +255,32 @@ class RedisTokenCache:
                 token = _text(await self.client.get(user_key(userid))) or ""
                 if not token:
                     return
-            await self._drop(keys=[user_key(userid), token_key(token)], args=[token])
+            # the info first: a pointer left alone leads to no info, which reads as no token
+            await self.client.delete(token_key(token))
+            await self._drop(keys=[user_key(userid)], args=[token])
 
     async def acquire_lock(self, userid: str, ttl: float) -> str | None:
         """Take the user's sign-in lock for ``ttl`` seconds; its id, or None if another holds it."""
+        ttl_ms(ttl)  # the same refusal of a non-positive TTL as everywhere
         lock_id = uuid.uuid4().hex
         with redis_errors("acquire lock"):
-            taken = await self.client.set(lock_key(userid), lock_id, nx=True, px=ttl_ms(ttl))
+            taken = await self._lock(userid, ttl).acquire(blocking=False, token=lock_id)
         return lock_id if taken else None
 
     async def release_lock(self, userid: str, lock_id: str) -> None:
         """Release the lock if ``lock_id`` still holds it."""
-        with redis_errors("release lock"):
-            await self._release(keys=[lock_key(userid)], args=[lock_id])
+        with redis_errors("release lock"), contextlib.suppress(LockError):
+            # LockNotOwnedError: it expired, or another holder has it now; either way it is not ours
+            await self._lock(userid, None).do_release(lock_id.encode())
+
+    def _lock(self, userid: str, ttl: float | None) -> Lock:
+        """redis-py's lock on the user's sign-in key (one key: fine on a cluster)."""
+        return Lock(self.client, self._keys.auth_lock(userid), timeout=ttl)
 
     async def publish_invalidation(self, userid: str) -> None:
         """Tell every process (this one included) to drop its local copy of the user's token."""
         with redis_errors("publish invalidation"):
-            await self.client.publish(INVALIDATE_CHANNEL, userid)
+            await self.client.publish(self._channel, userid)
 
     async def listen_invalidations(self, callback: Invalidated) -> None:
         """Start the listener task; returns once subscribed, or after the connect timeout if Redis is down.
@@ -319,9 +305,11 @@ class RedisTokenCache:
         delay, cap = self._reconnect_delays
         connected_before = False
         while True:
-            pubsub: PubSub = self.client.pubsub()
+            pubsub = self.client.pubsub()
             try:
-                await pubsub.subscribe(INVALIDATE_CHANNEL)
+                # a cluster client picks the node to subscribe on from its slot map: learn it first
+                await self.client.ping()
+                await pubsub.subscribe(self._channel)
                 while True:
                     # a bounded wait, so the periodic health check also runs on a quiet channel
                     message = await pubsub.get_message(timeout=1.0)
@@ -341,7 +329,7 @@ class RedisTokenCache:
                             type(exc).__name__, delay)
             finally:
                 with contextlib.suppress(RedisError, OSError):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]  # redis-py leaves it unannotated
+                    await pubsub.aclose()
             await asyncio.sleep(delay)
             delay = min(cap, delay * 2)
 
@@ -357,7 +345,7 @@ class RedisTokenCache:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._listener
             self._listener = None
-        await self.client.aclose()
+        await close(self.client)
 
 
 def _text(value: bytes | str | None) -> str | None:
@@ -373,8 +361,28 @@ def _call(callback: Invalidated, userid: str) -> None:
         log.exception("invalidation callback failed for %s", userid)
 
 
-def open_token_cache(config: Config) -> TokenCache:
+class TokenSettings(Protocol):
+    """What ``open_token_cache`` reads from the configuration (``laibao.config.Config`` has it)."""
+
+    @property
+    def redis_url(self) -> str:
+        """LAIBAO_REDIS_URL, or "" for one process."""
+        ...
+
+    @property
+    def redis_prefix(self) -> str:
+        """LAIBAO_REDIS_PREFIX."""
+        ...
+
+    @property
+    def redis_sentinel_password(self) -> str:
+        """LAIBAO_REDIS_SENTINEL_PASSWORD, or ""."""
+        ...
+
+
+def open_token_cache(config: TokenSettings) -> TokenCache:
     """Redis when ``redis_url`` is set, else in-process."""
     if config.redis_url:
-        return RedisTokenCache(config.redis_url)
+        return RedisTokenCache(config.redis_url, prefix=config.redis_prefix,
+                               sentinel_password=config.redis_sentinel_password or None)
     return MemoryTokenCache()

@@ -1,18 +1,19 @@
 """Ordering and admission of messages across processes: per-conversation turns, per-user in-flight limits.
 
-Keys (``laibao`` is the prefix):
+Keys (see ``stores.keys``): a conversation's turn list holds its stream ids in arrival order (the
+head is the one message Dify may answer now) and shares the hash slot of those sessions; a user's
+in-flight sorted set holds the stream ids of their admitted messages, scored by admission time.
 
-    laibao:turns:{bot}:{scope}     list   stream ids of one conversation in arrival order; the head
-                                          is the one message Dify may answer now
-    laibao:inflight:{bot}:{user}   zset   stream ids of one user's admitted messages, scored by
-                                          admission time (unix seconds, as the caller's clock says)
-
-Both read the session hashes ``laibao:stream:{sid}`` (see ``stores.redis_store``): a message whose
+Both read the session hashes (see ``stores.redis_store``): a message whose
 session is missing (expired, never created) or over (``done``/``error``) can never finish, so it
 neither holds a conversation's turn nor counts against its user's limit. Callers therefore create a
 message's session before they ``join`` or ``acquire`` for it.
 
-Every read-modify-write is one Lua script. Redis errors leave this module as ``StoreError``.
+Every script declares every key it touches and touches one key. A turn check reads the head, then
+its session's status, and drops a head found over with a script that pops it only if it is still the
+head; an admission reads the statuses of the user's sessions (any slots), then runs a script on the
+set alone. A session found over stays over, so each step is safe on its own, on a cluster too.
+Redis errors leave this module as ``StoreError``.
 """
 
 from __future__ import annotations
@@ -21,12 +22,14 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Protocol
 
-import redis.asyncio as aioredis
 from redis.typing import EncodableT
 
 from stores.base import TERMINAL, StreamStore
+from stores.connection import Client, register
+from stores.errors import redis_errors, ttl_ms
+from stores.keys import DEFAULT_PREFIX, Keys
 from stores.memory_store import Clock, ExpiringMap
-from stores.redis_store import redis_errors, ttl_ms
+from stores.redis_store import lua
 
 # Looks up a session's status: None when the session is missing or expired.
 StatusOf = Callable[[str], Awaitable[str | None]]
@@ -87,18 +90,7 @@ class Turns(Protocol):
 
 
 # ---------------------------------------------------------------------------------------------------
-# Lua scripts. The turn and in-flight scripts read session hashes whose names they learn only while
-# running (queue heads, set members), so the stream key prefix travels in ARGV: fine on one Redis
-# server, not on Redis Cluster, where every key must be declared in KEYS.
-
-# Shared start of the scripts that look at sessions.
-# Defines running(key): true iff the session hash exists and its status is neither done nor error.
-_RUNNING_PRELUDE = """
-local function running(key)
-  local status = redis.call('HGET', key, 'status')
-  return status and status ~= 'done' and status ~= 'error'
-end
-"""
+# Lua scripts.
 
 JOIN_LUA = """
 -- KEYS[1] turns list
@@ -118,55 +110,30 @@ redis.call('PEXPIRE', KEYS[1], ARGV[2])
 return position
 """
 
-MY_TURN_LUA = (
-    """
+DROP_HEAD_LUA = """
 -- KEYS[1] turns list
--- ARGV[1] stream id, ARGV[2] stream key prefix ('laibao:stream:')
--- returns 1 if ARGV[1] is at the head, else 0; first pops every head whose session is missing,
--- done or error, since such a message can never finish and would hold the turn forever
-"""
-    + _RUNNING_PRELUDE
-    + """
-while true do
-  local head = redis.call('LINDEX', KEYS[1], 0)
-  if not head then return 0 end
-  if running(ARGV[2] .. head) then
-    if head == ARGV[1] then return 1 end
-    return 0
-  end
+-- ARGV[1] a head the caller found missing, done or error (over for good)
+-- returns 1 if ARGV[1] was still the head and was popped, else 0 (someone else moved the queue on)
+if redis.call('LINDEX', KEYS[1], 0) == ARGV[1] then
   redis.call('LPOP', KEYS[1])
+  return 1
 end
-"""
-)
-
-POSITION_LUA = """
--- KEYS[1] turns list
--- ARGV[1] stream id
--- returns the 0-based position of ARGV[1], or nil if it is not queued
--- (a loop rather than LPOS, which needs Redis 6.0.6)
-local items = redis.call('LRANGE', KEYS[1], 0, -1)
-for i = 1, #items do
-  if items[i] == ARGV[1] then return i - 1 end
-end
-return false
+return 0
 """
 
-ACQUIRE_LUA = (
-    """
+ACQUIRE_LUA = """
 -- KEYS[1] in-flight sorted set
--- ARGV[1] stream id, ARGV[2] limit, ARGV[3] now, ARGV[4] ttl (seconds),
--- ARGV[5] stream key prefix ('laibao:stream:'), ARGV[6] key ttl in milliseconds
--- returns 1 if ARGV[1] holds a slot (it already did, or a slot was free), else 0; first removes the
--- members admitted more than ttl before now and those whose session is missing, done or error
-"""
-    + _RUNNING_PRELUDE
-    + """
+-- ARGV[1] stream id, ARGV[2] limit, ARGV[3] now, ARGV[4] ttl (seconds), ARGV[5] key ttl in milliseconds,
+-- ARGV[6..] members the caller found missing, done or error (over for good)
+-- returns 1 if ARGV[1] holds a slot (it already did, or a slot was free), else 0; first removes those
+-- members and the ones admitted more than ttl before now; a member added meanwhile counts as live
 local now, ttl = tonumber(ARGV[3]), tonumber(ARGV[4])
+for i = 6, #ARGV do redis.call('ZREM', KEYS[1], ARGV[i]) end
 local members = redis.call('ZRANGE', KEYS[1], 0, -1, 'WITHSCORES')
 local live, mine = 0, false
 for i = 1, #members, 2 do
   local sid = members[i]
-  if now - tonumber(members[i + 1]) > ttl or not running(ARGV[5] .. sid) then
+  if now - tonumber(members[i + 1]) > ttl then
     redis.call('ZREM', KEYS[1], sid)
   else
     live = live + 1
@@ -176,44 +143,23 @@ end
 if mine then return 1 end
 if live >= tonumber(ARGV[2]) then return 0 end
 redis.call('ZADD', KEYS[1], ARGV[3], ARGV[1])
-redis.call('PEXPIRE', KEYS[1], ARGV[6])
+redis.call('PEXPIRE', KEYS[1], ARGV[5])
 return 1
 """
-)
-
-COUNT_LUA = (
-    """
--- KEYS[1] in-flight sorted set
--- ARGV[1] now, ARGV[2] ttl (seconds), ARGV[3] stream key prefix ('laibao:stream:')
--- returns how many members were admitted at most ttl before now and have a running session;
--- changes nothing (the next acquire removes the rest)
-"""
-    + _RUNNING_PRELUDE
-    + """
-local now, ttl = tonumber(ARGV[1]), tonumber(ARGV[2])
-local members = redis.call('ZRANGE', KEYS[1], 0, -1, 'WITHSCORES')
-local live = 0
-for i = 1, #members, 2 do
-  if not (now - tonumber(members[i + 1]) > ttl) and running(ARGV[3] .. members[i]) then live = live + 1 end
-end
-return live
-"""
-)
 
 
 class RedisTurnQueue:
     """Per-conversation turns as one Redis list each."""
 
-    def __init__(self, client: aioredis.Redis, prefix: str) -> None:
+    def __init__(self, client: Client, keys: Keys) -> None:
         self._client = client
-        self._prefix = prefix
-        self._join = client.register_script(JOIN_LUA)
-        self._my_turn = client.register_script(MY_TURN_LUA)
-        self._position = client.register_script(POSITION_LUA)
+        self._keys = keys
+        self._join = register(client, lua(JOIN_LUA))
+        self._drop_head = register(client, lua(DROP_HEAD_LUA))
 
     def key(self, bot: str, scope: str) -> str:
         """The list key of a conversation's queue."""
-        return f"{self._prefix}:turns:{bot}:{scope}"
+        return self._keys.turns(bot, scope)
 
     async def join(self, bot: str, scope: str, sid: str, ttl: float) -> int:
         """Append ``sid`` unless queued (one entry each), keep the queue ``ttl`` s; its 0-based position."""
@@ -223,8 +169,17 @@ class RedisTurnQueue:
 
     async def my_turn(self, bot: str, scope: str, sid: str) -> bool:
         """True iff ``sid`` is at the head, once heads whose session is missing or over are dropped."""
+        key = self.key(bot, scope)
         with redis_errors("turns my_turn"):
-            return bool(await self._my_turn(keys=[self.key(bot, scope)], args=[sid, f"{self._prefix}:stream:"]))
+            while True:
+                head = await self._client.lindex(key, 0)
+                if head is None:
+                    return False
+                status = await self._client.hget(self._keys.stream(head), "status")
+                if status is not None and status not in TERMINAL:
+                    return bool(head == sid)
+                # a message that can never finish would hold the turn forever: drop it if still the head
+                await self._drop_head(keys=[key], args=[head])
 
     async def leave(self, bot: str, scope: str, sid: str) -> None:
         """Remove ``sid`` wherever it is in the queue."""
@@ -234,8 +189,8 @@ class RedisTurnQueue:
     async def position(self, bot: str, scope: str, sid: str) -> int | None:
         """The 0-based position of ``sid`` as queued (dead heads included), or None if not queued."""
         with redis_errors("turns position"):
-            found = await self._position(keys=[self.key(bot, scope)], args=[sid])
-        return None if found is None else int(found)
+            items: list[str] = await self._client.lrange(self.key(bot, scope), 0, -1)
+        return items.index(sid) if sid in items else None
 
     async def head(self, bot: str, scope: str) -> str | None:
         """The sid at the head of the conversation's queue (the one Dify is answering), if any."""
@@ -247,22 +202,36 @@ class RedisTurnQueue:
 class RedisInFlight:
     """Per-user in-flight messages as one Redis sorted set each."""
 
-    def __init__(self, client: aioredis.Redis, prefix: str) -> None:
+    def __init__(self, client: Client, keys: Keys) -> None:
         self._client = client
-        self._prefix = prefix
-        self._acquire = client.register_script(ACQUIRE_LUA)
-        self._count = client.register_script(COUNT_LUA)
+        self._keys = keys
+        self._acquire = register(client, lua(ACQUIRE_LUA))
 
     def key(self, bot: str, user: str) -> str:
         """The sorted-set key of a user's in-flight messages."""
-        return f"{self._prefix}:inflight:{bot}:{user}"
+        return self._keys.inflight(bot, user)
 
     async def acquire(self, bot: str, user: str, sid: str, limit: int, ttl: float, now: float) -> bool:
         """Admit ``sid`` (again, if already admitted) unless ``limit`` live messages hold slots."""
-        px = ttl_ms(ttl)
-        args: list[EncodableT] = [sid, limit, repr(float(now)), repr(float(ttl)), f"{self._prefix}:stream:", px]
+        px, key = ttl_ms(ttl), self.key(bot, user)
         with redis_errors("inflight acquire"):
-            return bool(await self._acquire(keys=[self.key(bot, user)], args=args))
+            members: list[str] = await self._client.zrange(key, 0, -1)
+            running = await self._running(members)
+            dead = [member for member in members if member not in running]
+            args: list[EncodableT] = [sid, limit, repr(float(now)), repr(float(ttl)), px, *dead]
+            return bool(await self._acquire(keys=[key], args=args))
+
+    async def _running(self, sids: list[str]) -> set[str]:
+        """Which of ``sids`` have a running session: read apart from the set, since the sessions live
+        in their scopes' slots (a cluster pipeline sends each node its share)."""
+        if not sids:
+            return set()
+        async with self._client.pipeline(transaction=False) as pipe:
+            for sid in sids:
+                pipe.hget(self._keys.stream(sid), "status")
+            statuses = await pipe.execute()
+        return {sid for sid, status in zip(sids, statuses, strict=True)
+                if status is not None and status not in TERMINAL}
 
     async def release(self, bot: str, user: str, sid: str) -> None:
         """Free the slot of ``sid``, if it holds one."""
@@ -271,22 +240,27 @@ class RedisInFlight:
 
     async def count(self, bot: str, user: str, now: float, *, ttl: float) -> int:
         """How many admitted messages are live at ``now``: admitted at most ``ttl`` s ago, session running."""
-        args = [repr(float(now)), repr(float(ttl)), f"{self._prefix}:stream:"]
         with redis_errors("inflight count"):
-            return int(await self._count(keys=[self.key(bot, user)], args=args))
+            admitted: list[tuple[str, float]] = await self._client.zrange(self.key(bot, user), 0, -1, withscores=True)
+            recent = [sid for sid, since in admitted if not now - since > ttl]
+            return len(await self._running(recent))
 
 
 class RedisTurns:
     """Turns and in-flight limits shared by every process through ``client`` (not closed here)."""
 
-    def __init__(self, client: aioredis.Redis, prefix: str = "laibao") -> None:
-        self.turns = RedisTurnQueue(client, prefix)
-        self.inflight = RedisInFlight(client, prefix)
+    def __init__(self, client: Client, keys: Keys | None = None) -> None:
+        keys = keys or Keys(DEFAULT_PREFIX)
+        self.turns = RedisTurnQueue(client, keys)
+        self.inflight = RedisInFlight(client, keys)
 
 
 # ---------------------------------------------------------------------------------------------------
 # Memory. ``status_of`` may suspend, so every method re-reads its entry after awaiting it and only
 # then changes anything; the final check-and-write runs without awaiting, hence atomically.
+
+
+_KEYS = Keys()  # the memory maps are keyed by the Redis key names
 
 
 def session_status(streams: StreamStore) -> StatusOf:
@@ -317,7 +291,7 @@ class MemoryTurnQueue:
     async def join(self, bot: str, scope: str, sid: str, ttl: float) -> int:
         """Append ``sid`` unless queued (one entry each), keep the queue ``ttl`` s; its 0-based position."""
         _check_ttl(ttl)
-        key = f"{bot}:{scope}"  # joined as in the Redis key, so the same pairs collide
+        key = _KEYS.turns(bot, scope)  # the Redis key names: the same pairs collide, no others
         queue = self._queues.get(key) or []
         if sid not in queue:
             queue.append(sid)
@@ -326,7 +300,7 @@ class MemoryTurnQueue:
 
     async def my_turn(self, bot: str, scope: str, sid: str) -> bool:
         """True iff ``sid`` is at the head, once heads whose session is missing or over are dropped."""
-        key = f"{bot}:{scope}"
+        key = _KEYS.turns(bot, scope)
         while True:
             queue = self._queues.get(key)
             if not queue:
@@ -342,7 +316,7 @@ class MemoryTurnQueue:
 
     async def leave(self, bot: str, scope: str, sid: str) -> None:
         """Remove ``sid`` wherever it is in the queue."""
-        key = f"{bot}:{scope}"
+        key = _KEYS.turns(bot, scope)
         queue = self._queues.get(key)
         if queue is None or sid not in queue:
             return
@@ -352,12 +326,12 @@ class MemoryTurnQueue:
 
     async def position(self, bot: str, scope: str, sid: str) -> int | None:
         """The 0-based position of ``sid`` as queued (dead heads included), or None if not queued."""
-        queue = self._queues.get(f"{bot}:{scope}")
+        queue = self._queues.get(_KEYS.turns(bot, scope))
         return queue.index(sid) if queue is not None and sid in queue else None
 
     async def head(self, bot: str, scope: str) -> str | None:
         """The sid at the head of the conversation's queue (the one Dify is answering), if any."""
-        queue = self._queues.get(f"{bot}:{scope}")
+        queue = self._queues.get(_KEYS.turns(bot, scope))
         return queue[0] if queue else None
 
 
@@ -376,7 +350,7 @@ class MemoryInFlight:
     async def acquire(self, bot: str, user: str, sid: str, limit: int, ttl: float, now: float) -> bool:
         """Admit ``sid`` (again, if already admitted) unless ``limit`` live messages hold slots."""
         _check_ttl(ttl)
-        key = f"{bot}:{user}"
+        key = _KEYS.inflight(bot, user)
         dead = await self._dead(key)
         admitted = self._admitted.get(key) or {}  # re-read: from here on nothing awaits
         for other, since in list(admitted.items()):
@@ -394,14 +368,14 @@ class MemoryInFlight:
 
     async def release(self, bot: str, user: str, sid: str) -> None:
         """Free the slot of ``sid``, if it holds one."""
-        key = f"{bot}:{user}"
+        key = _KEYS.inflight(bot, user)
         admitted = self._admitted.get(key)
         if admitted is not None and admitted.pop(sid, None) is not None and not admitted:
             self._admitted.pop(key)
 
     async def count(self, bot: str, user: str, now: float, *, ttl: float) -> int:
         """How many admitted messages are live at ``now``: admitted at most ``ttl`` s ago, session running."""
-        key = f"{bot}:{user}"
+        key = _KEYS.inflight(bot, user)
         dead = await self._dead(key)
         admitted = self._admitted.get(key) or {}
         return sum(1 for sid, since in admitted.items() if not now - since > ttl and sid not in dead)

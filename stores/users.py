@@ -21,18 +21,14 @@ import binascii
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import aiomysql
 from Crypto.Cipher import AES
 from Crypto.Random import get_random_bytes
 
-from laibao.config import secret_key_bytes
-from laibao.errors import StoreError
-
-if TYPE_CHECKING:
-    from laibao.config import Config
+from stores.errors import StoreError
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -497,7 +493,30 @@ def _describe(operation: str, exc: Exception) -> str:
     return f"mysql {operation} failed: {type(exc).__name__} {code}{detail}"
 
 
-def open_user_store(config: Config) -> UserStore:
+class UserSettings(Protocol):
+    """What ``open_user_store`` reads from the configuration (``laibao.config.Config`` has it)."""
+
+    @property
+    def mysql_url(self) -> str:
+        """The MySQL URL, or "" for in-process records."""
+        ...
+
+    @property
+    def secret_key(self) -> str:
+        """Base64 of the 32-byte key for secrets at rest, or ""."""
+        ...
+
+
+def secret_key_bytes(key: str) -> bytes | None:
+    """The 32-byte AES-GCM key for secrets at rest, or None when ``key`` is not base64 of 32 bytes."""
+    try:
+        raw = base64.b64decode(key, validate=True)
+    except (binascii.Error, ValueError):
+        return None
+    return raw if len(raw) == 32 else None
+
+
+def open_user_store(config: UserSettings) -> UserStore:
     """MySQL when ``mysql_url`` is set (with the secret key when configured), else in-process."""
     if not config.mysql_url:
         return MemoryUserStore()

@@ -1,16 +1,16 @@
 """Long-connection mode's shared state: who holds each bot's connection, its live streams, sends to it.
 
-Redis layout (all per bot ``b``):
+Redis layout (all per bot ``b``; ``{b}`` is the hash tag, so a bot's keys share one cluster slot):
 
 | key | type | holds | TTL |
 |---|---|---|---|
-| ``laibao:ws:{b}:leader`` | string | node id of the process allowed to hold the connection | the lease |
-| ``laibao:ws:{b}:term`` | string | the fencing token of the current lease | the lease |
-| ``laibao:ws:{b}:fence`` | string | counter: every new lease gets the next token | none |
-| ``laibao:ws:{b}:standdown`` | string | set when another client took the bot: nobody connects | the backoff |
-| ``laibao:ws:{b}:live`` | hash | stream id → JSON {req, user, chat, at, fb} of streams to push | stream TTL |
-| ``laibao:ws:{b}:send`` | list | JSON send requests from any process to the holder | 60 s |
-| ``laibao:ws:reply:{id}`` | list | the holder's answer to one send request | 60 s |
+| ``{p}:ws:{b}:leader`` | string | node id of the process allowed to hold the connection | the lease |
+| ``{p}:ws:{b}:term`` | string | the fencing token of the current lease | the lease |
+| ``{p}:ws:{b}:fence`` | string | counter: every new lease gets the next token | none |
+| ``{p}:ws:{b}:standdown`` | string | set when another client took the bot: nobody connects | the backoff |
+| ``{p}:ws:{b}:live`` | hash | stream id → JSON {req, user, chat, at, fb} of streams to push | stream TTL |
+| ``{p}:ws:{b}:send`` | list | JSON send requests from any process to the holder | 60 s |
+| ``{p}:ws:reply:{id}`` | list | the holder's answer to one send request | 60 s |
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-import redis.asyncio as aioredis
-
-from stores.redis_store import redis_errors, ttl_ms
+from stores.connection import Client, register
+from stores.errors import redis_errors, ttl_ms
+from stores.keys import DEFAULT_PREFIX
 
 REQUEST_TTL = 60.0
 BLOCK_SLICE = 2.0  # seconds one blocking pop may wait: well under the pool's socket timeout (5 s)
@@ -150,15 +150,17 @@ class WsStore(Protocol):
 class RedisWsStore:
     """The shared state in Redis, for several processes."""
 
-    def __init__(self, client: aioredis.Redis, prefix: str = "laibao") -> None:
+    def __init__(self, client: Client, prefix: str = DEFAULT_PREFIX) -> None:
         self._client = client
         self._prefix = prefix
-        self._acquire = client.register_script(ACQUIRE_LUA)
-        self._renew = client.register_script(RENEW_LUA)
-        self._release = client.register_script(RELEASE_LUA)
+        self._acquire = register(client, ACQUIRE_LUA)
+        self._renew = register(client, RENEW_LUA)
+        self._release = register(client, RELEASE_LUA)
 
     def _key(self, bot: str, name: str) -> str:
-        return f"{self._prefix}:ws:{bot}:{name}"
+        # the bot in braces is the hash tag: a bot's lease keys share one cluster slot (one script
+        # touches them together); bot names are [A-Za-z0-9_-], never braces
+        return f"{self._prefix}:ws:{{{bot}}}:{name}"
 
     def _lease_keys(self, bot: str) -> list[str]:
         return [self._key(bot, "leader"), self._key(bot, "term")]

@@ -12,7 +12,7 @@ from tornado.httpclient import AsyncHTTPClient
 
 from laibao.outbound import HostAllowlist, Outbound
 from tests.difystub import DifyStub
-from tests.servers import MariaDBServer, RedisServer
+from tests.servers import MariaDBServer, RedisCluster, RedisSentinelSet, RedisServer
 
 # Hypothesis fails an example that takes over 200 ms by default; on two busy cores a crypto or SSE
 # example can, so no property test in this suite has a per-example deadline. The suite's examples are
@@ -50,6 +50,42 @@ def redis_url(redis_server: RedisServer) -> str:
         redis_server.start()
     redis_server.flush()
     return redis_server.url
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[RedisCluster]:
+    """One 3-primary Redis Cluster (a replica each) for the whole run."""
+    cluster = RedisCluster(replicas=1)
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.close()
+
+
+@pytest.fixture(scope="session")
+def redis_sentinel() -> Iterator[RedisSentinelSet]:
+    """One primary + replica + sentinel set for the whole run (tests that fail it over start their own)."""
+    servers = RedisSentinelSet()
+    try:
+        servers.start()
+        yield servers
+    finally:
+        servers.close()
+
+
+# The Redis modes a contract suite runs in: list them as a fixture's params, then call redis_url_for.
+REDIS_MODES = ["redis", pytest.param("cluster", marks=pytest.mark.cluster),
+               pytest.param("sentinel", marks=pytest.mark.sentinel)]
+
+
+def redis_url_for(request: pytest.FixtureRequest, mode: str) -> str:
+    """An empty Redis in ``mode``: one server, a cluster or a sentinel set (each started once per run)."""
+    if mode == "redis":
+        return str(request.getfixturevalue("redis_url"))
+    servers = request.getfixturevalue("redis_cluster" if mode == "cluster" else "redis_sentinel")
+    servers.flush()
+    return str(servers.url)
 
 
 @pytest.fixture(scope="session")

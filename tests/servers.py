@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import quote
 
@@ -19,6 +21,20 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def free_cluster_port() -> int:
+    """A free port whose cluster bus port (10000 higher) is free too, both under 65536."""
+    for _ in range(200):
+        port = random.randint(20000, 45000)
+        try:
+            for candidate in (port, port + 10000):
+                with socket.socket() as sock:
+                    sock.bind(("127.0.0.1", candidate))
+        except OSError:
+            continue
+        return port
+    raise RuntimeError("no free port pair for a cluster node")
 
 
 def wait_for_port(port: int, timeout: float = 15.0, proc: subprocess.Popen[bytes] | None = None) -> None:
@@ -38,13 +54,14 @@ def wait_for_port(port: int, timeout: float = 15.0, proc: subprocess.Popen[bytes
 class RedisServer:
     """A throw-away redis-server process; ``stop``/``start`` simulate an outage on the same port."""
 
-    def __init__(self) -> None:
+    def __init__(self, *args: str) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
             raise RuntimeError("redis-server is not installed: run `make test`, which installs it")
         self.binary = binary
         self.dir = Path(tempfile.mkdtemp(prefix="laibao-redis-"))
         self.port = free_port()
+        self.args = list(args)  # more redis-server options (password, ACL user, replica of, cluster mode)
         self.proc: subprocess.Popen[bytes] | None = None
         self._keep_data = False  # set by stop(save=True): the next start finds the data
 
@@ -60,10 +77,25 @@ class RedisServer:
         self.proc = subprocess.Popen(
             [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir),
              "--save", "", "--appendonly", "no", "--protected-mode", "no", "--daemonize", "no",
-             "--logfile", str(self.dir / "redis.log")],
+             "--logfile", str(self.dir / "redis.log"), *self.args],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         wait_for_port(self.port, proc=self.proc)
+
+    def cli(self, *command: str) -> str:
+        """Run one redis-cli command against this server (fixture set-up only); its output."""
+        result = subprocess.run([_redis_cli(), "-h", "127.0.0.1", "-p", str(self.port), *command],
+                                capture_output=True, text=True, timeout=30, check=False)
+        if result.returncode != 0:
+            raise RuntimeError(f"redis-cli {command[0]} failed: {result.stderr or result.stdout}")
+        return result.stdout
+
+    def kill(self) -> None:
+        """Die at once, as a crashed host does (no shutdown handshake)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+        self.proc = None
 
     def stop(self, save: bool = False) -> None:
         """Stop the server; ``save`` writes its data first, so a restart finds it (a persistent Redis)."""
@@ -88,6 +120,145 @@ class RedisServer:
     def close(self) -> None:
         self.stop()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _redis_cli() -> str:
+    binary = shutil.which("redis-cli")
+    if binary is None:
+        raise RuntimeError("redis-cli is not installed: run `make test`, which installs redis-server")
+    return binary
+
+
+def _wait(check: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
+    """Poll ``check`` until it holds (fixture set-up only)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if check():
+                return
+        except RuntimeError:
+            pass
+        time.sleep(0.05)
+    raise RuntimeError(f"{what} not reached after {timeout} s")
+
+
+class RedisCluster:
+    """A Redis Cluster of 3 primaries, each with ``replicas`` replicas, on free ports."""
+
+    def __init__(self, replicas: int = 1) -> None:
+        self.replicas = replicas
+        self.nodes = [RedisServer("--cluster-enabled", "yes", "--cluster-node-timeout", "1000",
+                                  "--cluster-config-file", "nodes.conf", "--cluster-replica-validity-factor", "0")
+                      for _ in range(3 * (1 + replicas))]
+        for node in self.nodes:
+            node.port = free_cluster_port()
+
+    @property
+    def url(self) -> str:
+        """Seeds: the first two nodes (the client learns the rest)."""
+        return "redis+cluster://" + ",".join(f"127.0.0.1:{node.port}" for node in self.nodes[:2])
+
+    def start(self) -> None:
+        for node in self.nodes:
+            node.start()
+        result = subprocess.run(
+            [_redis_cli(), "--cluster", "create", *(f"127.0.0.1:{node.port}" for node in self.nodes),
+             "--cluster-replicas", str(self.replicas), "--cluster-yes"],
+            capture_output=True, text=True, timeout=60, check=False,
+        )
+        if result.returncode != 0:
+            raise RuntimeError(f"redis-cli --cluster create failed: {result.stdout[-2000:]}{result.stderr[-2000:]}")
+        self.wait_healthy()
+
+    def wait_healthy(self) -> None:
+        """Until every live node says the cluster is ok and every replica has synced."""
+        def ok() -> bool:
+            live = [node for node in self.nodes if node.proc is not None]
+            return all("cluster_state:ok" in node.cli("CLUSTER", "INFO") for node in live) and all(
+                "master_link_status:up" in node.cli("INFO", "replication")
+                for node in live if "role:slave" in node.cli("INFO", "replication"))
+        _wait(ok, "a healthy cluster")
+
+    def node_of(self, key: str) -> RedisServer:
+        """The primary serving ``key``'s slot now."""
+        live = next(node for node in self.nodes if node.proc is not None)
+        slot = int(live.cli("CLUSTER", "KEYSLOT", key).strip())
+        for line in live.cli("CLUSTER", "NODES").splitlines():
+            fields = line.split()
+            if "master" in fields[2] and "fail" not in fields[2] and _serves(fields[8:], slot):
+                port = int(fields[1].split("@")[0].rsplit(":", 1)[1])
+                return next(node for node in self.nodes if node.port == port)
+        raise RuntimeError(f"no live primary serves slot {slot}")
+
+    def flush(self) -> None:
+        for node in self.nodes:
+            if node.proc is not None and "role:master" in node.cli("INFO", "replication"):
+                node.cli("FLUSHALL")
+
+    def close(self) -> None:
+        for node in self.nodes:
+            node.close()
+
+
+def _serves(ranges: list[str], slot: int) -> bool:
+    for item in ranges:
+        if item.startswith("["):
+            continue  # a slot being migrated or imported
+        low, _, high = item.partition("-")
+        if int(low) <= slot <= int(high or low):
+            return True
+    return False
+
+
+class RedisSentinelSet:
+    """A primary, a replica and one sentinel watching them (quorum 1, failover after 1 s down)."""
+
+    master = "laibao-primary"
+
+    def __init__(self) -> None:
+        self.primary = RedisServer()
+        self.replica = RedisServer("--replicaof", "127.0.0.1", "<primary>")
+        self.replica.args[-1] = str(self.primary.port)
+        self.sentinel = RedisServer()
+        self.conf = self.sentinel.dir / "sentinel.conf"
+
+    @property
+    def url(self) -> str:
+        return f"redis+sentinel://127.0.0.1:{self.sentinel.port}/{self.master}/0"
+
+    def start(self) -> None:
+        self.primary.start()
+        self.replica.start()
+        self.conf.write_text(
+            f"sentinel monitor {self.master} 127.0.0.1 {self.primary.port} 1\n"
+            f"sentinel down-after-milliseconds {self.master} 1000\n"
+            f"sentinel failover-timeout {self.master} 10000\n"
+        )
+        self.sentinel.args = [str(self.conf), "--sentinel"]
+        # the config file comes first on the command line: start it by hand
+        self.sentinel.proc = subprocess.Popen(
+            [self.sentinel.binary, str(self.conf), "--sentinel", "--port", str(self.sentinel.port),
+             "--bind", "127.0.0.1", "--dir", str(self.sentinel.dir), "--protected-mode", "no",
+             "--logfile", str(self.sentinel.dir / "sentinel.log")],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        wait_for_port(self.sentinel.port, proc=self.sentinel.proc)
+        _wait(lambda: "master_link_status:up" in self.replica.cli("INFO", "replication"), "a synced replica")
+        _wait(lambda: "slaves=1" in self.sentinel.cli("INFO", "sentinel"), "a sentinel that sees the replica")
+
+    def primary_port(self) -> int:
+        """The port the sentinel names as primary now."""
+        reply = self.sentinel.cli("SENTINEL", "get-master-addr-by-name", self.master).split()
+        return int(reply[1])
+
+    def flush(self) -> None:
+        for node in (self.primary, self.replica):
+            if node.proc is not None and "role:master" in node.cli("INFO", "replication"):
+                node.cli("FLUSHALL")
+
+    def close(self) -> None:
+        for node in (self.sentinel, self.replica, self.primary):
+            node.close()
 
 
 def _mariadb_binary() -> str | None:

@@ -17,6 +17,7 @@ import redis.asyncio
 from tornado.ioloop import IOLoop
 
 from laibao import texts
+from stores.keys import Keys
 from tests.difystub import Script
 from tests.harness import CRYPTO, Service, WeCom, assert_no_secrets, follow, message, refresh, running_service
 from tests.servers import free_port
@@ -93,7 +94,7 @@ async def test_deltas_are_coalesced_not_one_write_per_token(service: Service) ->
     assert polls[-1]["content"] == "".join(deltas)
     if service.redis_url:
         client = redis.asyncio.Redis.from_url(service.redis_url, decode_responses=True)
-        chunks = int(await client.hget(f"laibao:stream:{first['id']}", "n") or 0)
+        chunks = int(await client.hget(Keys().stream(first["id"]), "n") or 0)
         await client.aclose()
         assert 1 <= chunks <= 60, chunks  # 600 deltas of ~20 bytes: flushed per ~1 KB / 100 ms
 
@@ -294,6 +295,9 @@ async def test_metrics_count_what_happened(service: Service) -> None:
     assert samples['laibao_dify_errors_total{bot="default",code="provider_quota_exceeded"}'] == "1.0"
     assert samples["laibao_answer_seconds_count"] == "1.0"
     assert samples["laibao_first_content_seconds_count"] == "1.0"
+    # every chunk of both answers was delivered once, each after a measured wait
+    assert float(samples["laibao_visible_lag_seconds_count"]) >= 2
+    assert 0 < float(samples["laibao_visible_lag_seconds_sum"]) < 60
     assert samples["laibao_active_relays"] == "0.0"
     assert samples['laibao_callbacks_total{bot="default",kind="other",outcome="ok"}'] == "2.0"
     assert "made-up-kind" not in body  # callers cannot add label values

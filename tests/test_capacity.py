@@ -33,7 +33,7 @@ async def test_a_pool_of_two_serves_many_concurrent_operations_without_a_failure
     try:
         async def one(i: int) -> None:
             sid = f"s{i}"
-            assert await stores.dedupe.claim("default", f"m{i}", sid, 600) == sid
+            assert await stores.dedupe.claim("default", "u", "", f"m{i}", sid, 600) == sid
             await stores.streams.create(session(sid), 600)
             assert await stores.streams.commit([ChunkWrite(sid, "node-a", f"<{i}>")], T0) == [True]
             assert await stores.streams.append(sid, "node-a", "。", T0)
@@ -69,10 +69,10 @@ async def test_a_retried_commit_adds_nothing_twice_and_keeps_the_owner_check(
         a, b = await stores.streams.poll("a"), await stores.streams.poll("b")
         assert a is not None and a.content == "全新。"
         assert b is not None and b.content == ""
-        assert await stores.dedupe.claim("default", "m1", "a", 600) == "a"
-        assert not await stores.dedupe.unclaim("default", "m1", "other")
-        assert await stores.dedupe.unclaim("default", "m1", "a")
-        assert await stores.dedupe.claim("default", "m1", "c", 600) == "c"
+        assert await stores.dedupe.claim("default", "u", "", "m1", "a", 600) == "a"
+        assert not await stores.dedupe.unclaim("default", "u", "", "m1", "other")
+        assert await stores.dedupe.unclaim("default", "u", "", "m1", "a")
+        assert await stores.dedupe.claim("default", "u", "", "m1", "c", 600) == "c"
     finally:
         await stores.close()
 

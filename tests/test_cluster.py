@@ -1,4 +1,4 @@
-"""Two real `laibao serve` processes on one real redis-server: any process answers any poll."""
+"""Two real `laibao serve` processes on one Redis (server, cluster or sentinel set): any process answers any poll."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import pytest
 from tornado.ioloop import IOLoop
 
 from laibao import texts
+from tests.conftest import REDIS_MODES, redis_url_for
 from tests.difystub import Script
 from tests.harness import (
     AES_KEY,
@@ -29,10 +30,10 @@ from tests.harness import (
 ANSWER = "分布式的回答：第一段，" + "内容🙂" * 300 + "。第二段 ends here."
 
 
-@pytest.fixture
-def cluster(io_loop: IOLoop, redis_url: str, tmp_path: Path) -> Iterator[Cluster]:
-    """A Dify stand-in in this process and two laibao processes sharing Redis."""
-    with running_cluster(io_loop, redis_url, tmp_path) as cluster:
+@pytest.fixture(params=REDIS_MODES)
+def cluster(request: pytest.FixtureRequest, io_loop: IOLoop, tmp_path: Path) -> Iterator[Cluster]:
+    """A Dify stand-in in this process and two laibao processes sharing Redis (in each mode)."""
+    with running_cluster(io_loop, redis_url_for(request, request.param), tmp_path) as cluster:
         yield cluster
     # What the processes logged across the scenario: no key, token, or message text.
     for proc in (cluster.a, cluster.b):
@@ -71,6 +72,7 @@ async def test_polls_alternating_between_processes_show_a_growing_answer(cluster
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("cluster", ["redis"], indirect=True)  # the modes differ in the store only
 @pytest.mark.gen_test(timeout=60)
 async def test_same_msgid_on_two_processes_calls_dify_once(cluster: Cluster) -> None:
     hold = asyncio.Event()
@@ -86,6 +88,7 @@ async def test_same_msgid_on_two_processes_calls_dify_once(cluster: Cluster) -> 
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("cluster", ["redis"], indirect=True)  # the CLI is the same on every mode
 @pytest.mark.gen_test(timeout=60)
 async def test_laibao_chat_cli_plays_wecom(cluster: Cluster, tmp_path: Path) -> None:
     cluster.dify.push(Script(answer="命令行里的回答"))
@@ -113,6 +116,7 @@ async def test_laibao_chat_cli_plays_wecom(cluster: Cluster, tmp_path: Path) -> 
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("cluster", ["redis"], indirect=True)  # the modes differ in the store only
 @pytest.mark.gen_test(timeout=60)
 async def test_one_conversation_is_answered_in_order_across_processes(cluster: Cluster) -> None:
     hold = asyncio.Event()

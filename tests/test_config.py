@@ -56,7 +56,19 @@ def test_malformed_values_one_line_each_and_no_secrets() -> None:
     assert "LAIBAO_PORT: expected an integer, got 'eighty'" in text
     assert "short-secret" not in text and "redis-secret" not in text
     problems = problems_of(environ=dict(ENV, LAIBAO_REDIS_URL="http://user:redis-secret@h"))
-    assert problems == ["redis_url: must start with redis://, rediss:// or unix://"]
+    assert problems == ["redis_url: must start with redis://, rediss://, unix://, redis+sentinel:// or redis+cluster://"]
+    for url, problem in (
+        ("redis+sentinel://:redis-secret@h1:26379", "a sentinel URL ends in /master_name or /master_name/db"),
+        ("redis+sentinel://h1:26379/mymaster/zero", "the database must be a number, not 'zero'"),
+        ("redis+cluster://:redis-secret@h1:7000,h2/0", "each node must be host:port, not 'h2'"),
+        ("redis+cluster://h1:7000/1", "a cluster URL has no path: Redis Cluster has database 0 only"),
+    ):
+        problems = problems_of(environ=dict(ENV, LAIBAO_REDIS_URL=url))
+        assert problems == [f"redis_url: {problem}"]
+        assert "redis-secret" not in "".join(problems)
+    for prefix in ("a{b}", "has space"):
+        assert problems_of(environ=dict(ENV, LAIBAO_REDIS_PREFIX=prefix)) == [
+            "redis_prefix: the Redis key prefix must be non-empty, without braces or whitespace"]
 
 
 def test_dify_url_must_be_the_api_base() -> None:

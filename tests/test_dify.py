@@ -24,7 +24,7 @@ from laibao.media import MediaTooLarge, MediaUnavailable, file_ref
 from laibao.outbound import Outbound
 from laibao.sse import DifyEvent, MessageDelta, MessageEnd, MessageFile, MessageReplace, Ping, WorkflowEvent
 from tests.conftest import make_outbound
-from tests.difystub import DEFAULT_ANSWER, DEFAULT_SUGGESTIONS, DETAILS_OPEN, DifyStub, Script
+from tests.difystub import DEFAULT_ANSWER, DETAILS_OPEN, DifyStub, Script
 from tests.servers import free_port
 
 KEY = "app-test-key"
@@ -698,17 +698,6 @@ async def test_feedback_reaches_the_message(dify: DifyClient, stub: DifyStub) ->
     with pytest.raises(ValueError, match="rating"):
         await dify.feedback(message, "meh", "wecom:zhangsan")
     assert len(stub.requests) == requests  # refused before asking Dify
-
-
-@pytest.mark.gen_test
-async def test_suggested_questions(dify: DifyClient, stub: DifyStub) -> None:
-    message = (await collect(dify, user="wecom:张三"))[-1].message_id
-    assert await dify.suggested(message, "wecom:张三") == DEFAULT_SUGGESTIONS
-    assert stub.requests[-1].query == {"user": "wecom:张三"}
-    stub.suggested_questions = None
-    with pytest.raises(DifyHTTPError) as info:
-        await dify.suggested(message, "wecom:张三")
-    assert (info.value.status, info.value.message) == (400, "Suggested Questions Is Disabled.")
 
 
 @pytest.mark.parametrize("status", [204, 200])

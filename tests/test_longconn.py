@@ -265,8 +265,8 @@ async def test_check_reports_the_lease_holder_without_subscribing(ws: WsStub, st
                                                                   tmp_path: Path) -> None:
     client = redis.asyncio.Redis.from_url(redis_url, decode_responses=True)
     try:
-        await client.set("laibao:ws:default:leader", "node-x", px=60000)
-        await client.set("laibao:ws:default:term", "7", px=60000)
+        await client.set("laibao:ws:{default}:leader", "node-x", px=60000)
+        await client.set("laibao:ws:{default}:term", "7", px=60000)
     finally:
         await client.aclose()
     env = {k: v for k, v in os.environ.items() if not k.startswith("LAIBAO_")}
@@ -322,12 +322,12 @@ async def test_a_holder_that_loses_its_lease_closes_its_connection(ws: WsStub, r
     await runtime.start()
     try:
         await eventually(lambda: ws.connected() == 1, "subscribed")
-        assert await client.get("laibao:ws:default:leader") == "test-node"
+        assert await client.get("laibao:ws:{default}:leader") == "test-node"
         # Another process's lease (as after a long pause of this one): this holder must let go.
-        await client.set("laibao:ws:default:leader", "node-elsewhere", px=60000)
+        await client.set("laibao:ws:{default}:leader", "node-elsewhere", px=60000)
         await eventually(lambda: ws.connected() == 0, "the connection closed")
         assert b'laibao_ws_connected{bot="default"} 0.0' in runtime.metrics.render()
-        assert len(ws.subscribes) == 1 and await client.get("laibao:ws:default:leader") == "node-elsewhere"
+        assert len(ws.subscribes) == 1 and await client.get("laibao:ws:{default}:leader") == "node-elsewhere"
     finally:
         await runtime.close()
         await client.aclose()

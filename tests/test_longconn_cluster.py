@@ -24,7 +24,7 @@ from tests.wsstub import ForeignClient, WsStub
 
 PARTIAL = ["第一段：持有连接的进程", "死掉之前", "已经推送的内容。"]
 FULL = "第一段：持有连接的进程死掉之前已经推送的内容。第二段：接手的进程重新生成了完整回答。"
-LEADER = "laibao:ws:default:leader"
+LEADER = "laibao:ws:{default}:leader"
 
 
 @dataclass

@@ -13,6 +13,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from laibao.errors import StoreError
+from stores.keys import Keys
 from stores.media_store import MediaHold, MemoryMediaHold, RedisMediaHold
 from tests.clock import FakeClock
 from tests.harness import eventually
@@ -111,7 +112,7 @@ async def test_held_media_expire_and_each_add_rearms(
     else:
         # Redis keeps its own time: read the TTL it holds instead of sleeping through it
         client = aioredis.Redis.from_url(request.getfixturevalue("redis_url"), decode_responses=True)
-        key = "laibao:media:hr:u"
+        key = Keys().media("hr", "u")
         try:
             await hold.add("hr", "u", IMAGE, 10)
             await client.pexpire(key, 2000)  # as if 8 of its 10 s had passed
@@ -138,8 +139,8 @@ async def test_redis_layout_is_a_json_list_with_a_ttl(redis_url: str) -> None:
     try:
         hold = RedisMediaHold(client)
         await hold.add("hr", "zhangsan", IMAGE, 120)
-        key = "laibao:media:hr:zhangsan"
-        assert hold.key("hr", "zhangsan") == key
+        key = Keys().media("hr", "zhangsan")
+        assert hold.key("hr", "zhangsan") == key and key.startswith("laibao:media:{")
         assert await client.type(key) == "list"
         assert 0 < await client.pttl(key) <= 120_000
         (raw,) = await client.lrange(key, 0, -1)

@@ -22,6 +22,7 @@ from laibao.config import Config, load_config
 from laibao.crypto import WeComCrypto, generate_aes_key, generate_token
 from laibao.wecom import MAX_CONTENT_BYTES
 from stores.base import StreamSession
+from stores.keys import Keys, scope_of
 from tests.difystub import Script
 from tests.harness import CRYPTO, Service, WeCom, eventually, follow, message, refresh, running_service
 from tests.wecomstub import ResponseUrlStub
@@ -147,6 +148,38 @@ async def test_group_scope_chat_shares_one_conversation(svc: Service) -> None:
     first, second = (c.json for c in svc.dify.chat_calls)
     assert first["user"] == second["user"] == "wecom:group:CHAT1"
     assert second["conversation_id"] != "" and first["conversation_id"] == ""
+
+
+@pytest.mark.settings(group_scope="chat")
+@pytest.mark.gen_test(timeout=30)
+async def test_a_userid_equal_to_a_chatid_has_its_own_conversation(svc: Service) -> None:
+    await answer(svc, message("我单聊的问题", user="CHAT1"))
+    await answer(svc, group("@bot 群里的问题", "lisi"))  # group CHAT1, one conversation per group
+    await answer(svc, message("单聊接着问", user="CHAT1"))
+    single, in_group, single_again = (c.json for c in svc.dify.chat_calls)
+    assert in_group["conversation_id"] == ""  # not the single chat's conversation
+    assert single_again["conversation_id"] != "" and single["conversation_id"] == ""
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_a_userid_with_a_slash_has_its_own_conversation(svc: Service) -> None:
+    await answer(svc, message("单聊", user="CHAT1/lisi"))  # the same characters as lisi in group CHAT1
+    await answer(svc, group("@bot 群聊", "lisi"))
+    assert [c.json["conversation_id"] for c in svc.dify.chat_calls] == ["", ""]
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_another_users_reused_msgid_gets_its_own_answer(svc: Service) -> None:
+    svc.dify.push(Script(answer="给张三的回答"))
+    mine = await answer(svc, message("张三的问题", msgid="same-msgid"))
+    assert mine[-1]["content"] == "给张三的回答"
+    svc.dify.push(Script(answer="给李四的回答"))
+    theirs = await answer(svc, message("李四的问题", user="lisi", msgid="same-msgid"))
+    assert theirs[0]["id"] != mine[0]["id"] and theirs[-1]["content"] == "给李四的回答"
+    assert [c.json["query"] for c in svc.dify.chat_calls] == ["张三的问题", "李四的问题"]
+    # the same sender's redelivery still finds its own stream
+    again = await svc.wecom.stream(message("张三的问题", msgid="same-msgid"))
+    assert again["id"] == mine[0]["id"] and len(svc.dify.chat_calls) == 2
 
 
 @pytest.mark.gen_test(timeout=30)
@@ -407,21 +440,24 @@ async def test_several_bots_keep_their_state_apart(two_bots: Service) -> None:
     crossed = await it.stream(refresh(str(first["id"])))
     assert (crossed["content"], crossed["finish"]) == (texts.EXPIRED, True)
     keys = await two_bots.keys()
-    assert "laibao:msgid:hr:same-msgid" in keys and "laibao:msgid:it:same-msgid" in keys
-    assert any(k.startswith("laibao:conv:hr:") for k in keys) and any(k.startswith("laibao:conv:it:") for k in keys)
+    names = Keys()
+    for bot in ("hr", "it"):
+        assert names.msgid(bot, "zhangsan", "", "same-msgid") in keys
+        assert names.conversation(bot, scope_of("zhangsan", "", "user")) in keys
 
 
 @pytest.mark.gen_test(timeout=30)
 async def test_a_conversation_is_not_blocked_by_a_head_abandoned_after_the_window(svc: Service) -> None:
     streams, turns = svc.runtime.stores.streams, svc.runtime.turns.turns
     long_ago = time.time() - 3600
-    dead = StreamSession(sid="dead", bot="default", user="zhangsan", scope="zhangsan", owner="gone-node",
+    scope = scope_of("zhangsan", "", "user")
+    dead = StreamSession(sid="dead", bot="default", user="zhangsan", scope=scope, owner="gone-node",
                          created=long_ago, deadline=long_ago + 360, heartbeat=long_ago + 10, status="streaming")
     await streams.create(dead, 1800)
-    await turns.join("default", "zhangsan", "dead", 1800)
+    await turns.join("default", scope, "dead", 1800)
     polls = await answer(svc, message("前面那条早就没人管了"))
     assert polls[-1]["content"] == Script().answer
-    assert await turns.position("default", "zhangsan", "dead") is None
+    assert await turns.position("default", scope, "dead") is None
 
 
 @pytest.mark.gen_test(timeout=30)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import re
 import time
 import tracemalloc
 from collections.abc import Awaitable, Callable, Iterator
@@ -22,14 +23,17 @@ from stores import (
     ERROR,
     QUEUED,
     STREAMING,
+    ChunkWrite,
     MemoryStores,
     RedisStores,
     Snapshot,
     StreamSession,
     open_stores,
 )
+from stores.keys import Keys
 from stores.memory_store import ExpiringMap
 from tests.clock import FakeClock
+from tests.conftest import REDIS_MODES, redis_url_for
 from tests.harness import eventually
 from tests.servers import RedisServer
 
@@ -56,14 +60,14 @@ def clock() -> FakeClock:
     return FakeClock(T0)
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", *REDIS_MODES])
 def stores(request: pytest.FixtureRequest, io_loop: tornado.ioloop.IOLoop) -> Iterator[AnyStores]:
-    """Each implementation in turn; Redis on a flushed real server."""
+    """Each implementation in turn; Redis in each mode (one server, cluster, sentinel), flushed."""
     built: AnyStores
     if request.param == "memory":
         built = MemoryStores(clock=request.getfixturevalue("clock"))
     else:
-        built = RedisStores(request.getfixturevalue("redis_url"))
+        built = RedisStores(redis_url_for(request, request.param))
     yield built
     io_loop.run_sync(built.close)
 
@@ -366,19 +370,44 @@ async def test_create_replaces_a_session_entirely(stores: AnyStores) -> None:
     assert snap is not None and (snap.content, snap.n) == ("", 0)
 
 
+@pytest.mark.gen_test
+async def test_a_poll_reports_how_long_each_new_chunk_waited(stores: AnyStores) -> None:
+    await stores.streams.create(session(), TTL)
+    await stores.streams.append("s1", "node-a", "一", T0 + 1)
+    await stores.streams.commit([ChunkWrite("s1", "node-a", "二", 1)], T0 + 2)
+    snap = await stores.streams.poll("s1", now=T0 + 5)
+    assert snap is not None and snap.lags == (4.0, 3.0) and snap.unread == 2
+    await stores.streams.finish("s1", "node-a", DONE, "三", {}, T0 + 6)
+    snap = await stores.streams.poll("s1", now=T0 + 6.5)
+    assert snap is not None and snap.lags == (0.5,) and snap.unread == 1  # the earlier chunks were seen
+    snap = await stores.streams.poll("s1", now=T0 + 9)
+    assert snap is not None and snap.lags == () and snap.content == "一二三"
+
+
 # ---------------------------------------------------------------------------- dedupe, conversations
 
 @pytest.mark.gen_test
 async def test_dedupe_first_claim_wins(stores: AnyStores) -> None:
-    assert await stores.dedupe.claim("helpdesk", "msg-1", "s1", 3600) == "s1"
-    assert await stores.dedupe.claim("helpdesk", "msg-1", "s2", 3600) == "s1"
-    assert await stores.dedupe.claim("sales", "msg-1", "s3", 3600) == "s3"
-    assert await stores.dedupe.claim("helpdesk", "msg-2", "s4", 3600) == "s4"
+    assert await stores.dedupe.claim("helpdesk", "u1", "", "msg-1", "s1", 3600) == "s1"
+    assert await stores.dedupe.claim("helpdesk", "u1", "", "msg-1", "s2", 3600) == "s1"
+    assert await stores.dedupe.claim("sales", "u1", "", "msg-1", "s3", 3600) == "s3"
+    assert await stores.dedupe.claim("helpdesk", "u1", "", "msg-2", "s4", 3600) == "s4"
+
+
+@pytest.mark.gen_test
+async def test_dedupe_claim_is_the_senders(stores: AnyStores) -> None:
+    # another user, or the same user in another chat, reusing a msgid never finds the first claim
+    assert await stores.dedupe.claim("b", "alice", "", "m", "s1", 60) == "s1"
+    assert await stores.dedupe.claim("b", "bob", "", "m", "s2", 60) == "s2"
+    assert await stores.dedupe.claim("b", "alice", "g1", "m", "s3", 60) == "s3"
+    # parts are typed: the same characters split differently are another sender
+    assert await stores.dedupe.claim("b", "ali", "ce", "m", "s4", 60) == "s4"
+    assert await stores.dedupe.claim("b", "alice", "", "m", "s5", 60) == "s1"
 
 
 @pytest.mark.gen_test
 async def test_dedupe_race_has_one_winner(stores: AnyStores) -> None:
-    results = await asyncio.gather(*(stores.dedupe.claim("b", "m", f"s{i}", 60) for i in range(5)))
+    results = await asyncio.gather(*(stores.dedupe.claim("b", "u", "", "m", f"s{i}", 60) for i in range(5)))
     assert len(set(results)) == 1 and results[0] in {f"s{i}" for i in range(5)}
 
 
@@ -404,7 +433,7 @@ async def test_non_positive_ttl_is_refused(stores: AnyStores) -> None:
     with pytest.raises(ValueError):
         await stores.streams.create(session(), 0)
     with pytest.raises(ValueError):
-        await stores.dedupe.claim("b", "m", "s", -1)
+        await stores.dedupe.claim("b", "u", "", "m", "s", -1)
     with pytest.raises(ValueError):
         await stores.conversations.set("b", "u", "c", 0)
     assert await stores.streams.get("s1") is None
@@ -427,15 +456,15 @@ async def expire(stores: AnyStores, clock: FakeClock, ttl: float, *keys: str) ->
 @pytest.mark.gen_test
 async def test_everything_expires(stores: AnyStores, clock: FakeClock) -> None:
     await stores.streams.create(session(), 1)
-    await stores.dedupe.claim("b", "m", "s1", 1)
+    await stores.dedupe.claim("b", "u", "", "m", "s1", 1)
     await stores.conversations.set("b", "u", "conv", 1)
     assert await stores.streams.get("s1") is not None
     assert await stores.conversations.get("b", "u") == "conv"
-    await expire(stores, clock, 1, "laibao:stream:s1", "laibao:msgid:b:m", "laibao:conv:b:u")
+    await expire(stores, clock, 1, Keys().stream("s1"), Keys().msgid("b", "u", "", "m"), Keys().conversation("b", "u"))
     assert await stores.streams.get("s1") is None
     assert await stores.streams.poll("s1") is None
     assert not await stores.streams.append("s1", "node-a", "x", T0)
-    assert await stores.dedupe.claim("b", "m", "s2", 60) == "s2"
+    assert await stores.dedupe.claim("b", "u", "", "m", "s2", 60) == "s2"
     assert await stores.conversations.get("b", "u") is None
 
 
@@ -445,10 +474,10 @@ async def test_writes_extend_a_sessions_life(stores: AnyStores, clock: FakeClock
     if isinstance(stores, MemoryStores):
         clock.advance(8)
     else:
-        await stores.client.pexpire("laibao:stream:s1", 2000)  # as if 8 of its 10 s had passed
+        await stores.client.pexpire(Keys().stream("s1"), 2000)  # as if 8 of its 10 s had passed
     assert await stores.streams.append("s1", "node-a", "仍在写", T0)
     if isinstance(stores, RedisStores):
-        assert 9000 < await stores.client.pttl("laibao:stream:s1") <= 10_000
+        assert 9000 < await stores.client.pttl(Keys().stream("s1")) <= 10_000
     clock.advance(8)  # 16 s after create, 8 s after the append
     snap = await stores.streams.poll("s1")
     assert snap is not None and snap.content == "仍在写"
@@ -594,24 +623,39 @@ async def test_redis_key_layout(redis_stores: RedisStores) -> None:
     await redis_stores.streams.poll("s1")
     await redis_stores.streams.finish("s1", "node-a", DONE, "。", {"conversation_id": "c1"}, T0 + 3)
     await redis_stores.streams.poll("s1")
-    await redis_stores.dedupe.claim("helpdesk", "msg-1", "s1", 3600)
+    await redis_stores.dedupe.claim("helpdesk", "zhangsan", "", "msg-1", "s1", 3600)
     await redis_stores.conversations.set("helpdesk", "zhangsan", "c1", 7 * 86400)
 
-    assert sorted(await client.keys("*")) == [
-        "laibao:conv:helpdesk:zhangsan", "laibao:msgid:helpdesk:msg-1", "laibao:stream:s1"]
-    assert await client.type("laibao:stream:s1") == "hash"
-    assert await client.hgetall("laibao:stream:s1") == {
+    keys = Keys()
+    stream, msgid, conv = keys.stream("s1"), keys.msgid("helpdesk", "zhangsan", "", "msg-1"), \
+        keys.conversation("helpdesk", "zhangsan")
+    assert stream == "laibao:stream:{s1}"
+    assert re.fullmatch(r"laibao:msgid:\{[0-9a-f]{20}\}", msgid) and re.fullmatch(r"laibao:conv:\{[0-9a-f]{20}\}", conv)
+    assert sorted(await client.keys("*")) == sorted([conv, msgid, stream])
+    assert await client.type(stream) == "hash"
+    assert await client.hgetall(stream) == {
         "bot": "helpdesk", "user": "zhangsan", "chat": "chat1", "query": "", "scope": "",
         "response_url": "", "owner": "node-a", "created": repr(T0), "deadline": repr(T0 + 360),
         "status": "done", "heartbeat": repr(T0 + 3), "conversation_id": "c1", "message_id": "",
         "task_id": "", "n": "3", "c:0": "你好", "r:0": "1", "c:1": "世界", "r:1": "1", "c:2": "。",
         "r:2": "1", "fin": "1", "ttl": "1800.0", "x:msgtype": "text",
     }
-    assert await client.get("laibao:msgid:helpdesk:msg-1") == "s1"
-    assert await client.get("laibao:conv:helpdesk:zhangsan") == "c1"
-    assert 1790_000 < await client.pttl("laibao:stream:s1") <= 1800_000
-    assert 3590_000 < await client.pttl("laibao:msgid:helpdesk:msg-1") <= 3600_000
-    assert 7 * 86400_000 - 10_000 < await client.pttl("laibao:conv:helpdesk:zhangsan") <= 7 * 86400_000
+    assert await client.get(msgid) == "s1"
+    assert await client.get(conv) == "c1"
+    assert 1790_000 < await client.pttl(stream) <= 1800_000
+    assert 3590_000 < await client.pttl(msgid) <= 3600_000
+    assert 7 * 86400_000 - 10_000 < await client.pttl(conv) <= 7 * 86400_000
+
+
+@pytest.mark.gen_test
+async def test_redis_read_flags_record_first_delivery(redis_stores: RedisStores) -> None:
+    await redis_stores.streams.create(session(), TTL)
+    await redis_stores.streams.append("s1", "node-a", "一", T0 + 1)
+    key = Keys().stream("s1")
+    assert await redis_stores.client.hget(key, "r:0") == repr(T0 + 1)  # written, not delivered yet
+    await redis_stores.streams.poll("s1", now=T0 + 3)
+    await redis_stores.streams.poll("s1", now=T0 + 4)
+    assert await redis_stores.client.hget(key, "r:0") == "d" + repr(T0 + 3)  # the first delivery stays
 
 
 @pytest.mark.gen_test(timeout=60)  # 2500 script calls: heavy by design
@@ -620,7 +664,7 @@ async def test_redis_replace_leaves_no_old_chunks(redis_stores: RedisStores) -> 
     for i in range(2500):
         await redis_stores.streams.append("s1", "node-a", str(i), T0)
     await redis_stores.streams.replace("s1", "node-a", "新", T0)
-    fields = await redis_stores.client.hkeys("laibao:stream:s1")
+    fields = await redis_stores.client.hkeys(Keys().stream("s1"))
     assert sorted(f for f in fields if f[:2] in {"c:", "r:"}) == ["c:0", "r:0"]
 
 
@@ -629,17 +673,19 @@ async def test_redis_prefix(redis_url: str) -> None:
     other = RedisStores(redis_url, prefix="staging")
     try:
         await other.streams.create(session(), TTL)
-        await other.dedupe.claim("b", "m", "s1", 60)
+        await other.dedupe.claim("b", "u", "", "m", "s1", 60)
         await other.conversations.set("b", "u", "c", 60)
-        assert sorted(await other.client.keys("*")) == ["staging:conv:b:u", "staging:msgid:b:m",
-                                                        "staging:stream:s1"]
+        keys = Keys("staging")
+        assert sorted(await other.client.keys("*")) == sorted([keys.conversation("b", "u"),
+                                                               keys.msgid("b", "u", "", "m"), keys.stream("s1")])
+        assert all(key.startswith("staging:") for key in await other.client.keys("*"))
     finally:
         await other.close()
 
 
 @pytest.mark.gen_test
 async def test_redis_writes_rearm_the_ttl(redis_stores: RedisStores) -> None:
-    streams, client, key = redis_stores.streams, redis_stores.client, "laibao:stream:s1"
+    streams, client, key = redis_stores.streams, redis_stores.client, Keys().stream("s1")
     await streams.create(session(), 100)
     writes: list[Callable[[], Awaitable[bool]]] = [
         lambda: streams.append("s1", "node-a", "x", T0),
@@ -688,7 +734,7 @@ async def test_redis_poll_is_one_round_trip(redis_stores: RedisStores) -> None:
 
 @pytest.mark.gen_test
 async def test_redis_wrong_type_is_a_store_error(redis_stores: RedisStores) -> None:
-    await redis_stores.client.set("laibao:stream:s1", "not a hash")
+    await redis_stores.client.set(Keys().stream("s1"), "not a hash")
     with pytest.raises(StoreError) as caught:
         await redis_stores.streams.poll("s1")
     assert "WRONGTYPE" in str(caught.value)
@@ -714,7 +760,7 @@ async def test_redis_down_is_a_store_error(redis_stores: RedisStores, redis_serv
             lambda: streams.poll("s1"),
             lambda: streams.take_over("s1", "node-b", T0, LEASE),
             lambda: streams.release("s1", "node-a"),
-            lambda: redis_stores.dedupe.claim("b", "m", "s1", 60),
+            lambda: redis_stores.dedupe.claim("b", "u", "", "m", "s1", 60),
             lambda: redis_stores.conversations.get("b", "u"),
             lambda: redis_stores.conversations.set("b", "u", "c", 60),
             lambda: redis_stores.conversations.delete("b", "u"),

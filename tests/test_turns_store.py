@@ -16,11 +16,14 @@ from dataclasses import dataclass
 import pytest
 import redis.asyncio as aioredis
 import tornado.ioloop
+from redis.crc import key_slot
 
 from laibao.errors import StoreError
 from stores import DONE, ERROR, MemoryStores, RedisStores, StreamSession, StreamStore
+from stores.keys import Keys, new_sid
 from stores.turns_store import MemoryTurns, RedisTurns, Turns, session_status
 from tests.clock import FakeClock
+from tests.conftest import REDIS_MODES, redis_url_for
 from tests.harness import eventually
 from tests.servers import RedisServer
 
@@ -61,7 +64,7 @@ class Cluster:
         assert await self.streams.finish(sid, "node-a", status, "", {}, T0)
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", *REDIS_MODES])
 def cluster(request: pytest.FixtureRequest, io_loop: tornado.ioloop.IOLoop) -> Iterator[Cluster]:
     """Each implementation in turn; Redis on a flushed real server, reached by two clients."""
     if request.param == "memory":
@@ -70,7 +73,7 @@ def cluster(request: pytest.FixtureRequest, io_loop: tornado.ioloop.IOLoop) -> I
         turns = MemoryTurns(session_status(stores.streams), clock=clock)
         yield Cluster(turns, turns, stores.streams, clock=clock)
         return
-    url = request.getfixturevalue("redis_url")
+    url = redis_url_for(request, request.param)
     first, second = RedisStores(url), RedisStores(url)
     try:
         yield Cluster(RedisTurns(first.client), RedisTurns(second.client), first.streams, redis=first.client)
@@ -288,7 +291,7 @@ async def test_non_positive_ttl_is_refused(cluster: Cluster) -> None:
 
 @pytest.mark.gen_test
 async def test_queues_and_admissions_expire(cluster: Cluster) -> None:
-    queue, admitted = f"laibao:turns:{BOT}:{SCOPE}", f"laibao:inflight:{BOT}:{USER}"
+    queue, admitted = Keys().turns(BOT, SCOPE), Keys().inflight(BOT, USER)
     await cluster.start("s1", "s2", "s3")
     await cluster.a.turns.join(BOT, SCOPE, "s1", 10)
     assert await cluster.a.inflight.acquire(BOT, USER, "s1", 1, 10, T0)
@@ -309,7 +312,7 @@ async def test_redis_expires_queues_and_admissions_on_its_own(redis_stores: Redi
     await redis_stores.streams.create(StreamSession(sid="s1", bot=BOT, user=USER, owner="node-a"), TTL)
     await turns.turns.join(BOT, SCOPE, "s1", 1)
     assert await turns.inflight.acquire(BOT, USER, "s1", 1, 1, T0)
-    keys = (f"laibao:turns:{BOT}:{SCOPE}", f"laibao:inflight:{BOT}:{USER}")
+    keys = (Keys().turns(BOT, SCOPE), Keys().inflight(BOT, USER))
     for key in keys:
         assert 0 < await client.pttl(key) <= 1000
     for key in keys:
@@ -419,23 +422,27 @@ async def test_memory_status_lookup_may_suspend() -> None:
 @pytest.mark.gen_test
 async def test_redis_key_layout(redis_stores: RedisStores) -> None:
     client, turns = redis_stores.client, RedisTurns(redis_stores.client)
-    await redis_stores.streams.create(StreamSession(sid="s1", bot=BOT, user=USER, owner="n"), TTL)
-    await turns.turns.join(BOT, SCOPE, "s1", 600)
-    await turns.inflight.acquire(BOT, USER, "s1", LIMIT, 400, T0)
-    assert sorted(await client.keys("*")) == [
-        f"laibao:inflight:{BOT}:{USER}", "laibao:stream:s1", f"laibao:turns:{BOT}:{SCOPE}"]
-    assert await client.type(f"laibao:turns:{BOT}:{SCOPE}") == "list"
-    assert await client.lrange(f"laibao:turns:{BOT}:{SCOPE}", 0, -1) == ["s1"]
-    assert await client.zrange(f"laibao:inflight:{BOT}:{USER}", 0, -1, withscores=True) == [("s1", T0)]
-    assert 590_000 < await client.pttl(f"laibao:turns:{BOT}:{SCOPE}") <= 600_000
-    assert 390_000 < await client.pttl(f"laibao:inflight:{BOT}:{USER}") <= 400_000
+    sid = new_sid(BOT, SCOPE)
+    await redis_stores.streams.create(StreamSession(sid=sid, bot=BOT, user=USER, owner="n"), TTL)
+    await turns.turns.join(BOT, SCOPE, sid, 600)
+    await turns.inflight.acquire(BOT, USER, sid, LIMIT, 400, T0)
+    keys = Keys()
+    queue, admitted, stream = keys.turns(BOT, SCOPE), keys.inflight(BOT, USER), keys.stream(sid)
+    assert sorted(await client.keys("*")) == sorted([admitted, stream, queue])
+    # a conversation's queue and its sessions share one hash slot (one script may touch both)
+    assert key_slot(queue.encode()) == key_slot(stream.encode())
+    assert await client.type(queue) == "list"
+    assert await client.lrange(queue, 0, -1) == [sid]
+    assert await client.zrange(admitted, 0, -1, withscores=True) == [(sid, T0)]
+    assert 590_000 < await client.pttl(queue) <= 600_000
+    assert 390_000 < await client.pttl(admitted) <= 400_000
 
 
 @pytest.mark.gen_test
 async def test_redis_prefix_covers_the_sessions_read(redis_stores: RedisStores, redis_url: str) -> None:
     staging = RedisStores(redis_url, prefix="staging")
     try:
-        turns = RedisTurns(staging.client, prefix="staging")
+        turns = RedisTurns(staging.client, Keys("staging"))
         # a live session under the default prefix must not keep staging's s1 alive
         await redis_stores.streams.create(StreamSession(sid="s1", bot=BOT, user=USER, owner="n"), TTL)
         await staging.streams.create(StreamSession(sid="s2", bot=BOT, user=USER, owner="n"), TTL)
@@ -444,8 +451,8 @@ async def test_redis_prefix_covers_the_sessions_read(redis_stores: RedisStores, 
             assert await turns.inflight.acquire(BOT, USER, sid, 1, TTL, T0)  # s2 only once s1 is dropped
         assert await turns.turns.my_turn(BOT, SCOPE, "s2")
         assert await turns.inflight.count(BOT, USER, T0, ttl=TTL) == 1
-        assert sorted(k for k in await staging.client.keys("staging:*") if ":stream:" not in k) == [
-            f"staging:inflight:{BOT}:{USER}", f"staging:turns:{BOT}:{SCOPE}"]
+        assert sorted(k for k in await staging.client.keys("staging:*") if ":stream:" not in k) == sorted([
+            Keys("staging").inflight(BOT, USER), Keys("staging").turns(BOT, SCOPE)])
     finally:
         await staging.close()
 

@@ -112,7 +112,7 @@ async def test_redis_leases_expire_and_pass_on(redis_url: str) -> None:
     store = RedisWsStore(client)
     try:
         token = await store.acquire("hr", "node-a", 0.3)
-        assert await client.get("laibao:ws:hr:leader") == "node-a"  # the documented key, value = node id
+        assert await client.get("laibao:ws:{hr}:leader") == "node-a"  # the documented key, value = node id
         taken: list[int] = []
 
         async def node_b_takes_it() -> bool:

@@ -10,6 +10,7 @@ from laibao.auth import AuthService, Credential
 from laibao.config import BotConfig
 from laibao.dify import DifyClient
 from laibao.errors import DifyError
+from stores.keys import scope_of
 
 log = logging.getLogger("laibao.answer")
 
@@ -47,10 +48,8 @@ class DifyApp:
         return self._parameters[0]
 
     def scope_of(self, userid: str, chatid: str) -> str:
-        """The conversation scope: the user in a single chat; the group, or the user in it, in groups."""
-        if not chatid:
-            return userid
-        return chatid if self.bot.group_scope == "chat" else f"{chatid}/{userid}"
+        """The conversation scope: the user in a single chat; the group, or the user in it, in groups (typed parts)."""
+        return scope_of(userid, chatid, self.bot.group_scope)
 
     def dify_user(self, userid: str, chatid: str) -> str:
         """The Dify ``user`` of a message: conversations are scoped by it, so it follows the scope."""
