@@ -106,6 +106,11 @@ class Config:
     media_hold_seconds: float = 300.0
     media_max_bytes: int = 20 * 1024 * 1024
     response_url_retries: int = 3
+    turn_wait: float = 1800.0  # longest a message waits for the one ahead in its conversation
+    max_answer_bytes: int = 512 * 1024  # raw Dify text kept per answer (hidden reasoning included)
+    media_deadline: float = 120.0  # seconds for one answer's media step (downloads and uploads, or images)
+    media_memory_bytes: int = 256 * 1024 * 1024  # media bytes held in memory at once on one process
+    delivery_sweep: float = 10.0  # seconds between looks for response_url deliveries a dead process left
 
     @cached_property
     def node(self) -> str:
@@ -208,6 +213,11 @@ _GLOBAL_PARSERS: dict[str, Parser] = {
     "media_hold_seconds": _float,
     "media_max_bytes": _int,
     "response_url_retries": _int,
+    "turn_wait": _float,
+    "max_answer_bytes": _int,
+    "media_deadline": _float,
+    "media_memory_bytes": _int,
+    "delivery_sweep": _float,
 }
 _BOT_PARSERS: dict[str, Parser] = {
     "name": _str,
@@ -419,6 +429,8 @@ def _check_globals(config: Config) -> list[str]:
         problems.append("secret_key: must be base64 of 32 bytes (laibao gen-key prints one)")
     if config.window_margin >= config.stream_window:
         problems.append("window_margin: must be shorter than stream_window")
+    if config.max_answer_bytes < 2 * 20480:
+        problems.append("max_answer_bytes: must hold at least what WeCom can show (40960)")
     if config.lease < 3 * config.flush_interval:
         problems.append("lease: must be well above flush_interval")
     return problems

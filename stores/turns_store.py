@@ -8,9 +8,11 @@ Keys (``laibao`` is the prefix):
                                           admission time (unix seconds, as the caller's clock says)
 
 Both read the session hashes ``laibao:stream:{sid}`` (see ``stores.redis_store``): a message whose
-session is missing (expired, never created) or over (``done``/``error``) can never finish, so it
-neither holds a conversation's turn nor counts against its user's limit. Callers therefore create a
-message's session before they ``join`` or ``acquire`` for it.
+relay is over can never finish, so it neither holds a conversation's turn nor counts against its
+user's limit. A relay is over when its session is missing (expired, never created), or ``done``/``error``
+unless ``x:relay`` is ``on`` (WeCom's window closed, the relay still streams) with an ``x:beat`` (the
+relay's heartbeat) newer than the lease. Callers therefore create a message's session before they
+``join`` or ``acquire`` for it.
 
 Every read-modify-write is one Lua script. Redis errors leave this module as ``StoreError``.
 """
@@ -24,12 +26,16 @@ from typing import Protocol
 import redis.asyncio as aioredis
 from redis.typing import EncodableT
 
-from stores.base import TERMINAL, StreamStore
+from stores.base import TERMINAL, StreamSession, StreamStore
 from stores.memory_store import Clock, ExpiringMap
 from stores.redis_store import redis_errors, ttl_ms
 
-# Looks up a session's status: None when the session is missing or expired.
-StatusOf = Callable[[str], Awaitable[str | None]]
+# Looks up a session: None when it is missing or expired.
+StatusOf = Callable[[str], Awaitable[StreamSession | None]]
+
+# What ``my_turn`` answers.
+HEAD, WAITING, NOT_QUEUED = 1, 0, -1
+RELAY_ON = "on"  # extra ``relay``: the stream was closed for WeCom's window, the relay still runs
 
 
 class TurnQueue(Protocol):
@@ -39,8 +45,8 @@ class TurnQueue(Protocol):
         """Append ``sid`` unless queued (one entry each), keep the queue ``ttl`` s; its 0-based position."""
         ...
 
-    async def my_turn(self, bot: str, scope: str, sid: str) -> bool:
-        """True iff ``sid`` is at the head, once heads whose session is missing or over are dropped."""
+    async def my_turn(self, bot: str, scope: str, sid: str, now: float | None = None) -> int:
+        """HEAD, WAITING or NOT_QUEUED for ``sid``, once heads whose relay is over are dropped."""
         ...
 
     async def leave(self, bot: str, scope: str, sid: str) -> None:
@@ -92,11 +98,15 @@ class Turns(Protocol):
 # server, not on Redis Cluster, where every key must be declared in KEYS.
 
 # Shared start of the scripts that look at sessions.
-# Defines running(key): true iff the session hash exists and its status is neither done nor error.
+# Defines running(key, now, lease): true iff the session hash exists and its relay is not over: its
+# status is neither done nor error, or WeCom's window closed it while the relay goes on with a
+# heartbeat ('x:beat') at most lease seconds old.
 _RUNNING_PRELUDE = """
-local function running(key)
-  local status = redis.call('HGET', key, 'status')
-  return status and status ~= 'done' and status ~= 'error'
+local function running(key, now, lease)
+  local h = redis.call('HMGET', key, 'status', 'x:relay', 'x:beat')
+  if not h[1] then return false end
+  if h[1] ~= 'done' and h[1] ~= 'error' then return true end
+  return h[2] == 'on' and not (now - (tonumber(h[3]) or 0) > lease)
 end
 """
 
@@ -121,18 +131,23 @@ return position
 MY_TURN_LUA = (
     """
 -- KEYS[1] turns list
--- ARGV[1] stream id, ARGV[2] stream key prefix ('laibao:stream:')
--- returns 1 if ARGV[1] is at the head, else 0; first pops every head whose session is missing,
--- done or error, since such a message can never finish and would hold the turn forever
+-- ARGV[1] stream id, ARGV[2] stream key prefix ('laibao:stream:'), ARGV[3] now, ARGV[4] lease
+-- returns 1 if ARGV[1] is at the head, 0 if it waits behind another, -1 if it is not queued (the
+-- list is missing or lacks it); first pops every head whose relay is over, since such a message
+-- can never finish and would hold the turn forever
 """
     + _RUNNING_PRELUDE
     + """
+local now, lease = tonumber(ARGV[3]), tonumber(ARGV[4])
 while true do
   local head = redis.call('LINDEX', KEYS[1], 0)
-  if not head then return 0 end
-  if running(ARGV[2] .. head) then
+  if not head then return -1 end
+  if running(ARGV[2] .. head, now, lease) then
     if head == ARGV[1] then return 1 end
-    return 0
+    for _, sid in ipairs(redis.call('LRANGE', KEYS[1], 1, -1)) do
+      if sid == ARGV[1] then return 0 end
+    end
+    return -1
   end
   redis.call('LPOP', KEYS[1])
 end
@@ -155,9 +170,9 @@ ACQUIRE_LUA = (
     """
 -- KEYS[1] in-flight sorted set
 -- ARGV[1] stream id, ARGV[2] limit, ARGV[3] now, ARGV[4] ttl (seconds),
--- ARGV[5] stream key prefix ('laibao:stream:'), ARGV[6] key ttl in milliseconds
+-- ARGV[5] stream key prefix ('laibao:stream:'), ARGV[6] key ttl in milliseconds, ARGV[7] lease
 -- returns 1 if ARGV[1] holds a slot (it already did, or a slot was free), else 0; first removes the
--- members admitted more than ttl before now and those whose session is missing, done or error
+-- members admitted more than ttl before now and those whose relay is over
 """
     + _RUNNING_PRELUDE
     + """
@@ -166,7 +181,7 @@ local members = redis.call('ZRANGE', KEYS[1], 0, -1, 'WITHSCORES')
 local live, mine = 0, false
 for i = 1, #members, 2 do
   local sid = members[i]
-  if now - tonumber(members[i + 1]) > ttl or not running(ARGV[5] .. sid) then
+  if now - tonumber(members[i + 1]) > ttl or not running(ARGV[5] .. sid, now, tonumber(ARGV[7])) then
     redis.call('ZREM', KEYS[1], sid)
   else
     live = live + 1
@@ -184,8 +199,8 @@ return 1
 COUNT_LUA = (
     """
 -- KEYS[1] in-flight sorted set
--- ARGV[1] now, ARGV[2] ttl (seconds), ARGV[3] stream key prefix ('laibao:stream:')
--- returns how many members were admitted at most ttl before now and have a running session;
+-- ARGV[1] now, ARGV[2] ttl (seconds), ARGV[3] stream key prefix ('laibao:stream:'), ARGV[4] lease
+-- returns how many members were admitted at most ttl before now and whose relay is not over;
 -- changes nothing (the next acquire removes the rest)
 """
     + _RUNNING_PRELUDE
@@ -194,7 +209,9 @@ local now, ttl = tonumber(ARGV[1]), tonumber(ARGV[2])
 local members = redis.call('ZRANGE', KEYS[1], 0, -1, 'WITHSCORES')
 local live = 0
 for i = 1, #members, 2 do
-  if not (now - tonumber(members[i + 1]) > ttl) and running(ARGV[3] .. members[i]) then live = live + 1 end
+  if not (now - tonumber(members[i + 1]) > ttl) and running(ARGV[3] .. members[i], now, tonumber(ARGV[4])) then
+    live = live + 1
+  end
 end
 return live
 """
@@ -204,9 +221,10 @@ return live
 class RedisTurnQueue:
     """Per-conversation turns as one Redis list each."""
 
-    def __init__(self, client: aioredis.Redis, prefix: str) -> None:
+    def __init__(self, client: aioredis.Redis, prefix: str, lease: float) -> None:
         self._client = client
         self._prefix = prefix
+        self._lease = lease
         self._join = client.register_script(JOIN_LUA)
         self._my_turn = client.register_script(MY_TURN_LUA)
         self._position = client.register_script(POSITION_LUA)
@@ -221,10 +239,12 @@ class RedisTurnQueue:
         with redis_errors("turns join"):
             return int(await self._join(keys=[self.key(bot, scope)], args=[sid, px]))
 
-    async def my_turn(self, bot: str, scope: str, sid: str) -> bool:
-        """True iff ``sid`` is at the head, once heads whose session is missing or over are dropped."""
+    async def my_turn(self, bot: str, scope: str, sid: str, now: float | None = None) -> int:
+        """HEAD, WAITING or NOT_QUEUED for ``sid``, once heads whose relay is over are dropped."""
+        at = time.time() if now is None else now
+        args: list[EncodableT] = [sid, f"{self._prefix}:stream:", repr(float(at)), repr(float(self._lease))]
         with redis_errors("turns my_turn"):
-            return bool(await self._my_turn(keys=[self.key(bot, scope)], args=[sid, f"{self._prefix}:stream:"]))
+            return int(await self._my_turn(keys=[self.key(bot, scope)], args=args))
 
     async def leave(self, bot: str, scope: str, sid: str) -> None:
         """Remove ``sid`` wherever it is in the queue."""
@@ -247,9 +267,10 @@ class RedisTurnQueue:
 class RedisInFlight:
     """Per-user in-flight messages as one Redis sorted set each."""
 
-    def __init__(self, client: aioredis.Redis, prefix: str) -> None:
+    def __init__(self, client: aioredis.Redis, prefix: str, lease: float) -> None:
         self._client = client
         self._prefix = prefix
+        self._lease = lease
         self._acquire = client.register_script(ACQUIRE_LUA)
         self._count = client.register_script(COUNT_LUA)
 
@@ -260,7 +281,8 @@ class RedisInFlight:
     async def acquire(self, bot: str, user: str, sid: str, limit: int, ttl: float, now: float) -> bool:
         """Admit ``sid`` (again, if already admitted) unless ``limit`` live messages hold slots."""
         px = ttl_ms(ttl)
-        args: list[EncodableT] = [sid, limit, repr(float(now)), repr(float(ttl)), f"{self._prefix}:stream:", px]
+        args: list[EncodableT] = [sid, limit, repr(float(now)), repr(float(ttl)), f"{self._prefix}:stream:", px,
+                                  repr(float(self._lease))]
         with redis_errors("inflight acquire"):
             return bool(await self._acquire(keys=[self.key(bot, user)], args=args))
 
@@ -271,7 +293,7 @@ class RedisInFlight:
 
     async def count(self, bot: str, user: str, now: float, *, ttl: float) -> int:
         """How many admitted messages are live at ``now``: admitted at most ``ttl`` s ago, session running."""
-        args = [repr(float(now)), repr(float(ttl)), f"{self._prefix}:stream:"]
+        args = [repr(float(now)), repr(float(ttl)), f"{self._prefix}:stream:", repr(float(self._lease))]
         with redis_errors("inflight count"):
             return int(await self._count(keys=[self.key(bot, user)], args=args))
 
@@ -279,9 +301,9 @@ class RedisInFlight:
 class RedisTurns:
     """Turns and in-flight limits shared by every process through ``client`` (not closed here)."""
 
-    def __init__(self, client: aioredis.Redis, prefix: str = "laibao") -> None:
-        self.turns = RedisTurnQueue(client, prefix)
-        self.inflight = RedisInFlight(client, prefix)
+    def __init__(self, client: aioredis.Redis, prefix: str = "laibao", *, lease: float = 15.0) -> None:
+        self.turns = RedisTurnQueue(client, prefix, lease)
+        self.inflight = RedisInFlight(client, prefix, lease)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -292,26 +314,40 @@ class RedisTurns:
 def session_status(streams: StreamStore) -> StatusOf:
     """A ``status_of`` for MemoryTurns that reads sessions from ``streams``."""
 
-    async def status_of(sid: str) -> str | None:
-        found = await streams.get(sid)
-        return None if found is None else found.status
+    async def status_of(sid: str) -> StreamSession | None:
+        return await streams.get(sid)
 
     return status_of
 
 
-async def _running(status_of: StatusOf | None, sid: str) -> bool:
-    """Whether the session of ``sid`` can still finish (always, when sessions are not looked up)."""
+def relay_running(session: StreamSession | None, now: float, lease: float) -> bool:
+    """Whether a session's relay can still finish: running, or past WeCom's window with a fresh heartbeat."""
+    if session is None:
+        return False
+    if session.status not in TERMINAL:
+        return True
+    beat = session.extra.get("beat", "")
+    try:
+        last = float(beat) if beat else 0.0
+    except ValueError:
+        last = 0.0
+    return session.extra.get("relay") == RELAY_ON and not now - last > lease
+
+
+async def _running(status_of: StatusOf | None, sid: str, now: float, lease: float) -> bool:
+    """Whether the relay of ``sid`` can still finish (always, when sessions are not looked up)."""
     if status_of is None:
         return True
-    status = await status_of(sid)
-    return status is not None and status not in TERMINAL
+    return relay_running(await status_of(sid), now, lease)
 
 
 class MemoryTurnQueue:
     """Per-conversation turns in a bounded, expiring dict."""
 
-    def __init__(self, status_of: StatusOf | None, max_entries: int, clock: Clock) -> None:
+    def __init__(self, status_of: StatusOf | None, max_entries: int, clock: Clock, lease: float) -> None:
         self._status_of = status_of
+        self._clock = clock
+        self._lease = lease
         self._queues: ExpiringMap[list[str]] = ExpiringMap(max_entries, clock)
 
     async def join(self, bot: str, scope: str, sid: str, ttl: float) -> int:
@@ -324,16 +360,20 @@ class MemoryTurnQueue:
         self._queues.put(key, queue, ttl)
         return queue.index(sid)
 
-    async def my_turn(self, bot: str, scope: str, sid: str) -> bool:
-        """True iff ``sid`` is at the head, once heads whose session is missing or over are dropped."""
+    async def my_turn(self, bot: str, scope: str, sid: str, now: float | None = None) -> int:
+        """HEAD, WAITING or NOT_QUEUED for ``sid``, once heads whose relay is over are dropped."""
         key = f"{bot}:{scope}"
+        at = self._clock() if now is None else now
         while True:
             queue = self._queues.get(key)
             if not queue:
-                return False
+                return NOT_QUEUED
             head = queue[0]
-            if await _running(self._status_of, head):
-                return head == sid
+            if await _running(self._status_of, head, at, self._lease):
+                queue = self._queues.get(key) or []  # re-read: from here on nothing awaits
+                if queue and queue[0] == sid:
+                    return HEAD
+                return WAITING if sid in queue else NOT_QUEUED
             queue = self._queues.get(key)  # it may have changed while the status was looked up
             if queue and queue[0] == head:
                 del queue[0]
@@ -364,20 +404,21 @@ class MemoryTurnQueue:
 class MemoryInFlight:
     """Per-user in-flight messages in a bounded, expiring dict of admission times."""
 
-    def __init__(self, status_of: StatusOf | None, max_entries: int, clock: Clock) -> None:
+    def __init__(self, status_of: StatusOf | None, max_entries: int, clock: Clock, lease: float) -> None:
         self._status_of = status_of
+        self._lease = lease
         self._admitted: ExpiringMap[dict[str, float]] = ExpiringMap(max_entries, clock)
 
-    async def _dead(self, key: str) -> set[str]:
-        """The admitted sids whose session is missing or over."""
+    async def _dead(self, key: str, now: float) -> set[str]:
+        """The admitted sids whose relay is over."""
         admitted = self._admitted.get(key) or {}
-        return {sid for sid in list(admitted) if not await _running(self._status_of, sid)}
+        return {sid for sid in list(admitted) if not await _running(self._status_of, sid, now, self._lease)}
 
     async def acquire(self, bot: str, user: str, sid: str, limit: int, ttl: float, now: float) -> bool:
         """Admit ``sid`` (again, if already admitted) unless ``limit`` live messages hold slots."""
         _check_ttl(ttl)
         key = f"{bot}:{user}"
-        dead = await self._dead(key)
+        dead = await self._dead(key, now)
         admitted = self._admitted.get(key) or {}  # re-read: from here on nothing awaits
         for other, since in list(admitted.items()):
             if now - since > ttl or other in dead:
@@ -402,7 +443,7 @@ class MemoryInFlight:
     async def count(self, bot: str, user: str, now: float, *, ttl: float) -> int:
         """How many admitted messages are live at ``now``: admitted at most ``ttl`` s ago, session running."""
         key = f"{bot}:{user}"
-        dead = await self._dead(key)
+        dead = await self._dead(key, now)
         admitted = self._admitted.get(key) or {}
         return sum(1 for sid, since in admitted.items() if not now - since > ttl and sid not in dead)
 
@@ -416,9 +457,10 @@ class MemoryTurns:
         *,
         max_entries: int = 100_000,
         clock: Clock = time.time,
+        lease: float = 15.0,
     ) -> None:
-        self.turns = MemoryTurnQueue(status_of, max_entries, clock)
-        self.inflight = MemoryInFlight(status_of, max_entries, clock)
+        self.turns = MemoryTurnQueue(status_of, max_entries, clock, lease)
+        self.inflight = MemoryInFlight(status_of, max_entries, clock, lease)
 
 
 def _check_ttl(ttl: float) -> None:

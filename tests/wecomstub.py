@@ -17,6 +17,7 @@ class ResponseUrlStub:
     def __init__(self) -> None:
         self.received: list[dict[str, Any]] = []  # every JSON body, in order
         self.fail_next: list[int] = []  # HTTP statuses to answer with before succeeding
+        self.attempts = 0  # every POST, failed on purpose or not
         self._port = free_port()
         self._server: tornado.httpserver.HTTPServer | None = None
 
@@ -49,6 +50,7 @@ class _Handler(tornado.web.RequestHandler):
         """WeCom's endpoint takes plain JSON posts."""
 
     def post(self) -> None:
+        self.stub.attempts += 1
         if self.stub.fail_next:
             self.set_status(self.stub.fail_next.pop(0))
             self.finish("temporarily unavailable")
