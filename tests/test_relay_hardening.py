@@ -133,6 +133,7 @@ async def test_a_message_that_waits_past_the_turn_deadline_is_told(svc: Service)
 # ------------------------------------------------------------------ item 2: relay over, not window
 
 
+@pytest.mark.settings(lease="2")
 @pytest.mark.gen_test(timeout=60)
 async def test_the_next_message_waits_for_the_relay_not_the_window_and_continues_its_conversation(
     svc: Service, responses: ResponseUrlStub
@@ -143,6 +144,15 @@ async def test_the_next_message_waits_for_the_relay_not_the_window_and_continues
     assert first[-1]["content"].endswith(texts.WINDOW_NOTE)  # closed for WeCom, still streaming
     second = await to_the_end(svc, message("第二条", response_url=responses.url("two")))
     assert second[-1]["content"] == texts.QUEUED_NOTE
+    closed = await svc.runtime.stores.streams.get(str(first[-1]["id"]))
+    assert closed is not None
+
+    async def beating_long_after_the_window() -> bool:
+        # past the lease several times over: the relay's own heartbeat, not the stream's, keeps its turn
+        session = await svc.runtime.stores.streams.get(str(first[-1]["id"]))
+        return session is not None and float(session.extra.get("beat", "0")) > closed.deadline + 6
+
+    await eventually(beating_long_after_the_window, "the first relay alive well past its window and lease")
     assert len(svc.dify.chat_calls) == 1  # two windows closed, and still only the first at Dify
     hold.set()
     await eventually(lambda: len(responses.received) == 2, "both answers via response_url")

@@ -46,7 +46,7 @@ from laibao.media import (
 from laibao.metrics import Metrics
 from laibao.sse import MessageDelta, MessageEnd, MessageFile, MessageReplace
 from laibao.wecom import MAX_CONTENT_BYTES
-from stores.base import DONE, ERROR, ConversationStore, StreamSession, StreamStore
+from stores.base import DONE, ERROR, TERMINAL, ConversationStore, StreamSession, StreamStore
 from stores.relay_store import RELAY_ON, RelayState
 from stores.turns_store import HEAD, NOT_QUEUED, InFlight, TurnQueue, relay_running
 
@@ -326,7 +326,9 @@ class AnswerJob:
         head = await self.turns.head(self.bot.key, self.session.scope)
         ahead = await self.streams.get(head) if head else None
         now = self.clock()
-        if ahead is not None and now > ahead.deadline and now - ahead.heartbeat > self.config.lease:
+        if ahead is None or ahead.status in TERMINAL:
+            return  # closed for the window: MY_TURN judges it by its relay's own heartbeat (x:beat)
+        if now > ahead.deadline and now - ahead.heartbeat > self.config.lease:
             log.warning("stream %s: abandoned by %s after WeCom's window; dropped from its queue",
                         ahead.sid, ahead.owner or "(released)")
             await self.turns.leave(self.bot.key, self.session.scope, ahead.sid)
