@@ -60,7 +60,7 @@ class RelayState(Protocol):
         """Record the delivery's end, drop the outbox and the listing."""
         ...
 
-    async def pending(self, now: float, limit: int = 100) -> list[str]:
+    async def pending(self, now: float, limit: int = 1000) -> list[str]:
         """Listed stream ids, oldest first; entries older than a response_url's validity are dropped."""
         ...
 
@@ -185,7 +185,7 @@ class RedisRelayState:
             await self._delivered(keys=[self._key(sid), self._listing],
                                   args=[RELAY_DELIVERED if ok else RELAY_FAILED, sid])
 
-    async def pending(self, now: float, limit: int = 100) -> list[str]:
+    async def pending(self, now: float, limit: int = 1000) -> list[str]:
         """Listed stream ids, oldest first; entries older than a response_url's validity are dropped."""
         with redis_errors("relay pending"):
             await self._client.zremrangebyscore(self._listing, "-inf", repr(float(now - DELIVERY_VALIDITY)))
@@ -248,7 +248,7 @@ class MemoryRelayState:
         await self._streams.annotate(sid, {"relay": RELAY_DELIVERED if ok else RELAY_FAILED, "outbox": ""})
         self._listing.pop(sid, None)
 
-    async def pending(self, now: float, limit: int = 100) -> list[str]:
+    async def pending(self, now: float, limit: int = 1000) -> list[str]:
         """Listed stream ids, oldest first; entries older than a response_url's validity are dropped."""
         for sid, since in list(self._listing.items()):
             if now - since > DELIVERY_VALIDITY:
