@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test lint bench system-deps clean
+.PHONY: run init test lint bench system-deps clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -23,13 +23,19 @@ $(VENV)/.test-installed: $(BIN)/python setup.cfg pyproject.toml
 run: $(VENV)/.run-installed
 	$(BIN)/laibao serve $(ARGS)
 
-# The tests start their own redis-server and MariaDB in temporary directories: the binaries must exist.
-# (mariadbd lives in /usr/sbin, which is not on every user's PATH.)
+# A first .env: fresh keys, the Dify URL and key (prompted on a terminal, or ARGS="--dify-url U --dify-key K").
+init: $(VENV)/.run-installed
+	$(BIN)/laibao init $(ARGS)
+
+# The tests start their own redis-server, MariaDB and HAProxy in temporary directories: the binaries must
+# exist. (mariadbd and haproxy live in /usr/sbin, which is not on every user's PATH.) supervisord comes
+# from the test extras, into the venv.
 system-deps:
 	@missing=""; \
 	command -v redis-server >/dev/null 2>&1 || missing="redis-server"; \
 	{ command -v mariadbd >/dev/null 2>&1 || [ -x /usr/sbin/mariadbd ]; } && command -v mariadb-install-db >/dev/null 2>&1 \
 	  || missing="$$missing mariadb-server"; \
+	{ command -v haproxy >/dev/null 2>&1 || [ -x /usr/sbin/haproxy ]; } || missing="$$missing haproxy"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then \
 	    echo "installing$$missing (Debian packages)"; \
@@ -49,6 +55,7 @@ lint: $(VENV)/.test-installed
 bench: system-deps $(VENV)/.test-installed
 	$(BIN)/python bench/poll.py
 	$(BIN)/python bench/auth.py
+	$(BIN)/python bench/scale.py 600
 
 clean:
 	rm -rf $(VENV) *.egg-info .mypy_cache .ruff_cache .hypothesis

@@ -1,19 +1,25 @@
-"""Per-message cost of token auth on a process-cache hit, next to a message without auth, in one run.
+"""What token auth costs a message callback, in one run.
 
-Every message callback verifies and decrypts WeCom's body and encrypts and signs a reply: that work
-is measured together with ``AuthService.resolve`` for an ``open`` bot (no auth) and for a ``token``
-bot whose user is in the process cache. A hit in Redis (the process cache off) is shown for context.
-Real redis-server and the auth stand-in over HTTP; rounds alternate, the best of each is kept.
+1. Per-message cost on a process-cache hit, next to a message without auth. Every message callback
+   verifies and decrypts WeCom's body and encrypts and signs a reply: that work is measured together
+   with ``AuthService.resolve`` for an ``open`` bot (no auth) and for a ``token`` bot whose user is in
+   the process cache. A hit in Redis (the process cache off) is shown for context. Rounds alternate,
+   the best of each is kept.
+2. The callback reply time of users' first messages (each needs a sign-in) through a real laibao
+   (HTTP, real MariaDB user records, real Redis) with a fast auth service next to a slow one: the
+   sign-in happens in the answer job, so a slow auth service must not slow the reply.
 
-    python bench/auth.py [--messages 20000] [--rounds 3]
+    python bench/auth.py [--messages 20000] [--rounds 3] [--first-messages 40] [--slow 2.0]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import dataclasses
 import os
+import statistics
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -24,13 +30,17 @@ from tornado.httpclient import AsyncHTTPClient
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from laibao.app import make_server  # noqa: E402
 from laibao.auth import AuthService  # noqa: E402
 from laibao.crypto import WeComCrypto, generate_aes_key, generate_token  # noqa: E402
+from laibao.outbound import Outbound  # noqa: E402
+from laibao.runtime import Runtime  # noqa: E402
 from stores.tokens import RedisTokenCache  # noqa: E402
-from stores.users import MemoryUserStore, User  # noqa: E402
-from tests.authstub import AuthStub, bot, make_config  # noqa: E402
-from tests.harness import message  # noqa: E402
-from tests.servers import RedisServer  # noqa: E402
+from stores.users import MemoryUserStore, MySQLUserStore, User  # noqa: E402
+from tests.authstub import SECRET_KEY, AuthStub, bot, make_config  # noqa: E402
+from tests.difystub import DifyStub  # noqa: E402
+from tests.harness import WeCom, message, service_config  # noqa: E402
+from tests.servers import MariaDBServer, RedisServer, free_port  # noqa: E402
 
 
 async def timed(n: int, step: Callable[[], Awaitable[object]]) -> float:
@@ -46,7 +56,7 @@ async def run(redis_url: str, messages: int, rounds: int) -> None:
     await stub.start()
     config = make_config(auth_url=stub.url, redis_url=redis_url)
     services: list[AuthService] = []
-    http = AsyncHTTPClient(force_instance=True)
+    http = Outbound(trusted=["127.0.0.1"])  # the auth stand-in is a configured upstream on loopback
 
     async def service(**overrides: object) -> AuthService:
         users = MemoryUserStore()  # the user store is read only on a miss, which nothing here measures
@@ -125,16 +135,79 @@ async def run(redis_url: str, messages: int, rounds: int) -> None:
         await stub.stop()
 
 
+GAP = 0.15  # seconds between first messages, so answer jobs do not share the event loop with callbacks
+
+
+async def first_replies(redis_url: str, mysql_url: str, users: int, delay: float) -> list[float]:
+    """Seconds to the callback reply of each user's first message, the auth service answering after ``delay``."""
+    stub = AuthStub()  # accepts any code and secret
+    stub.answer.delay = delay
+    await stub.start()
+    dify = DifyStub()
+    await dify.start()
+    store = MySQLUserStore(mysql_url, base64.b64decode(SECRET_KEY))
+    await store.init_schema()
+    prefix = f"d{int(delay * 1000)}-"
+    for i in range(-1, users):  # user -1 warms the connections up, untimed
+        await store.add(User(f"{prefix}{i}", code=f"E{i}", secret="s"))
+    await store.close()
+    config = service_config(dify.base_url, redis_url, auth_mode="token", auth_url=stub.url, mysql_url=mysql_url,
+                            secret_key=SECRET_KEY, auth_timeout=delay + 5, auth_forward="input")
+    runtime = Runtime.build(config)
+    await runtime.start()
+    port = free_port()
+    server = make_server(runtime)
+    server.listen(port, address="127.0.0.1")
+    http = AsyncHTTPClient(force_instance=True)
+    wecom = WeCom(http, f"http://127.0.0.1:{port}")
+    times = []
+    try:
+        for i in range(-1, users):
+            started = time.perf_counter()
+            reply = await wecom.stream(message("第一条消息", user=f"{prefix}{i}"))
+            if i >= 0:
+                times.append(time.perf_counter() - started)
+            assert reply["finish"] is False, reply  # the placeholder: the answer follows
+            await asyncio.sleep(GAP)  # a fast sign-in's answer job ends before the next callback
+    finally:
+        http.close()
+        server.stop()
+        await runtime.close(grace=delay + 10)
+        await dify.stop()
+        await stub.stop()
+    assert len(stub.calls) == users + 1, "each first message signs in once, in its answer job"
+    return times
+
+
+async def reply_times(redis_url: str, mysql_url: str, users: int, slow: float) -> None:
+    print(f"\ncallback reply time of {users} users' first messages (each signs in, in the answer job)")
+    figures = {}
+    for name, delay in (("fast auth service (answers at once)", 0.0), (f"slow auth service ({slow:g} s)", slow)):
+        times = sorted(await first_replies(redis_url, mysql_url, users, delay))
+        p50, p99 = statistics.median(times), times[min(len(times) - 1, int(len(times) * 0.99))]
+        figures[name] = p50
+        print(f"  {name:40s} p50 {p50 * 1000:7.2f} ms   p99 {p99 * 1000:7.2f} ms   max {times[-1] * 1000:7.2f} ms")
+    fast, slow_p50 = figures.values()
+    print(f"ratio slow / fast (p50): {slow_p50 / fast:.2f}x")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--messages", type=int, default=20000)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--first-messages", type=int, default=40, help="users whose first message is timed")
+    parser.add_argument("--slow", type=float, default=2.0, help="seconds the slow auth service takes")
     args = parser.parse_args()
     redis_server = RedisServer()
     redis_server.start()
+    mariadb = MariaDBServer()
     try:
         asyncio.run(run(redis_server.url, args.messages, args.rounds))
+        mariadb.start()
+        mysql_url = mariadb.url(mariadb.create_database())
+        asyncio.run(reply_times(redis_server.url, mysql_url, args.first_messages, args.slow))
     finally:
+        mariadb.close()
         redis_server.close()
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 
 import tornado.web
@@ -14,6 +15,8 @@ from laibao.runtime import BotRuntime
 from laibao.wecom import parse_callback
 
 log = logging.getLogger("laibao.callback")
+
+_TIMESTAMP = re.compile(r"[0-9]{1,12}")
 
 
 @tornado.web.stream_request_body
@@ -32,6 +35,7 @@ class CallbackHandler(BaseHandler):
         status = self.get_status()
         outcome = "ok" if status < 400 else ("refused" if status < 500 else "error")
         self.runtime.metrics.callbacks.labels(self._bot_key, self._kind, outcome).inc()
+        self.runtime.metrics.callback_seconds.labels(self._kind).observe(self.request.request_time())
 
     def prepare(self) -> None:
         """Refuse an oversized body before reading it."""
@@ -57,8 +61,9 @@ class CallbackHandler(BaseHandler):
 
     def _check_timestamp(self, timestamp: str) -> None:
         """Refuse callbacks stamped far from now: a captured request cannot be replayed days later."""
-        if not timestamp.isdigit():
-            raise tornado.web.HTTPError(400, "timestamp is not a number")
+        # ASCII digits only, and few: str.isdigit() also takes "²", which int() refuses.
+        if not _TIMESTAMP.fullmatch(timestamp):
+            raise tornado.web.HTTPError(400, "timestamp is not a number of at most 12 digits")
         skew = abs(time.time() - int(timestamp))
         if skew > self.runtime.config.max_clock_skew:
             raise tornado.web.HTTPError(401, "timestamp %.0f s away from now", skew)

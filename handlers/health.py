@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import logging
+
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from handlers.base import BaseHandler
+
+log = logging.getLogger("laibao.health")
 
 
 class HealthHandler(BaseHandler):
@@ -20,12 +24,15 @@ class ReadyHandler(BaseHandler):
     """GET /readyz: 200 when every configured backend answers, else 503 naming what failed."""
 
     async def get(self) -> None:
-        """Ask the runtime which parts fail."""
+        """Ask the runtime which parts fail; the body names them, the reasons (hosts, ports) go to the log."""
         failures = await self.runtime.readiness()
         self.set_header("Content-Type", "text/plain; charset=utf-8")
         if failures:
+            for part, why in failures.items():
+                log.warning("not ready: %s: %s", part, why)
             self.set_status(503)
-            self.finish("".join(f"{part}: {why}\n" for part, why in failures.items()))
+            self.finish("".join(f"{part}: {'draining' if part == 'process' else 'unavailable'}\n"
+                                for part in failures))
         else:
             self.finish("ready\n")
 

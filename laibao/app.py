@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import signal
+from typing import TextIO
 
 import tornado.httpserver
 import tornado.web
@@ -35,6 +37,51 @@ def make_app(runtime: Runtime) -> tornado.web.Application:
     )
 
 
+def make_server(runtime: Runtime) -> tornado.httpserver.HTTPServer:
+    """The HTTP server for ``make_app(runtime)``, with the limits that keep slow clients from piling up."""
+    config = runtime.config
+    return tornado.httpserver.HTTPServer(
+        make_app(runtime),
+        # The handler refuses bodies over max_body_bytes with 413; the server limit only stops abuse.
+        max_body_size=max(config.max_body_bytes * 8, 8 << 20),
+        # Without these a client sending half a request line, or half a body, holds its socket (and a
+        # file descriptor Redis and Dify also need) for an hour, or for ever.
+        idle_connection_timeout=config.idle_connection_timeout,
+        body_timeout=config.body_timeout,
+    )
+
+
+_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
+_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escape(match: re.Match[str]) -> str:
+    char = match.group()
+    return _ESCAPES.get(char) or (f"\\x{ord(char):02x}" if ord(char) < 0x100 else f"\\u{ord(char):04x}")
+
+
+class OneLineFormatter(logging.Formatter):
+    """Every record is one line: control characters (line breaks, escapes, lone surrogates) are escaped.
+
+    Log arguments carry text from outside (a Dify error, a userid, an errcode): escaped here, once, a
+    ``\\n`` in them cannot forge a record of its own, and a terminal escape cannot hide one.
+    Tracebacks become one line too, with ``\\n`` between their lines.
+    """
+
+    def format(self, record: logging.LogRecord) -> str:
+        """The record as usual, then escaped."""
+        text = super().format(record)
+        # isprintable() is False for every character escaped here: most records skip the regex.
+        return text if text.isprintable() else _UNSAFE.sub(_escape, text)
+
+
+def configure_logging(level: str, stream: TextIO | None = None) -> None:
+    """One line per record on stderr (or ``stream``), as supervisord collects it."""
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(OneLineFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
+
+
 def log_request(handler: tornado.web.RequestHandler) -> None:
     """One access line per request: at DEBUG when it succeeded (every poll is one), louder when not."""
     status = handler.get_status()
@@ -43,14 +90,6 @@ def log_request(handler: tornado.web.RequestHandler) -> None:
         request = handler.request
         access_log.log(level, "%d %s %s %.1f ms", status, request.method, request.path,
                        1000.0 * request.request_time())
-
-
-def configure_logging(level: str) -> None:
-    """One line per record on stderr, as supervisord collects it."""
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
 
 
 def run_serve(config: Config) -> None:
@@ -68,9 +107,7 @@ async def serve(config: Config) -> None:
     """Run the service until SIGTERM/SIGINT, then drain relays and close."""
     runtime = Runtime.build(config)
     await runtime.start()
-    app = make_app(runtime)
-    # The handler refuses bodies over max_body_bytes with 413; the server limit only stops abuse.
-    server = tornado.httpserver.HTTPServer(app, max_body_size=max(config.max_body_bytes * 8, 8 << 20))
+    server = make_server(runtime)
     server.listen(config.port, address=config.host)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -83,7 +120,8 @@ async def serve(config: Config) -> None:
     log.info("draining: %d relays get %.0f s to finish", len(runtime.tasks), config.shutdown_grace)
     # Draining: /readyz answers 503, so the load balancer stops sending traffic, while polls that still
     # arrive are answered; new messages are recorded unowned and taken by the first other process polled.
-    released = await runtime.tasks.drain(config.shutdown_grace)
+    # A load balancer notices /readyz only at its next check: until then keep accepting, even when idle.
+    released, _ = await asyncio.gather(runtime.tasks.drain(config.shutdown_grace), asyncio.sleep(config.shutdown_delay))
     server.stop()
     log.info("stopped accepting; %d unfinished relays released to other processes", released)
     await runtime.close()

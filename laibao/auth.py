@@ -9,6 +9,11 @@ Per bot ``auth`` mode:
                3. the user's record (unknown or disabled -> NotAuthorized, nothing cached), then the
                   external auth service (POST code + secret -> token + lifetime), stored in both levels
 
+The callback path only *admits* (``admit``): whether the user may use the bot, from a live token in
+either cache level or from the user's record (itself cached per process), bounded by
+``auth_admit_timeout``; it never calls the auth service. The sign-in (``resolve``) runs in the answer
+job, so nothing outside laibao holds up WeCom's callback.
+
 One user's concurrent messages make one call to the auth service: on one process they share one
 in-flight task; across processes the first to take a short Redis lock calls the service while the
 others poll the shared cache until the token appears (bounded by ``auth_timeout`` plus a margin).
@@ -32,15 +37,14 @@ from dataclasses import dataclass, field
 from typing import Any, NoReturn, TypeVar
 
 from cachetools import TTLCache
-from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest, HTTPResponse
-from tornado.iostream import StreamClosedError
 
 from laibao.config import BotConfig, Config
-from laibao.errors import AuthError, StoreError
+from laibao.errors import AuthError, StoreError, UpstreamError, UpstreamTimeout, UpstreamTooLarge
+from laibao.outbound import Outbound, Reply, parse_json
 from stores.tokens import EVERY_USER, TokenCache
 from stores.users import User, UserStore
 
-__all__ = ["LEVELS", "AuthService", "AuthUnavailable", "Credential", "NotAuthorized", "lookup", "nest"]
+__all__ = ["ADMISSIONS", "LEVELS", "AuthService", "AuthUnavailable", "Credential", "NotAuthorized", "lookup", "nest"]
 
 log = logging.getLogger("laibao.auth")
 
@@ -55,6 +59,13 @@ LEVELS = (
     "allowed",  # allowlist mode: present and enabled
     "denied",  # unknown or disabled user
     "failed",  # AuthUnavailable
+)
+# How admissions on the callback path are counted in AuthService.admissions.
+ADMISSIONS = (
+    "token",  # token mode: a live token in this process's cache or in Redis
+    "allowed",  # the user's record (cached or read) says enabled
+    "refused",  # unknown or disabled user
+    "undecided",  # not known within auth_admit_timeout, or a store was down: the answer job decides
 )
 LOCK_MARGIN = 1.0  # seconds a sign-in lock outlives the auth call it guards
 POLL_INTERVAL = 0.025  # seconds between looks at the shared cache while another process signs in
@@ -105,7 +116,7 @@ class AuthService:
         config: Config,
         users: UserStore,
         tokens: TokenCache,
-        http: AsyncHTTPClient,
+        http: Outbound,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.config = config
@@ -113,12 +124,18 @@ class AuthService:
         self.tokens = tokens
         self.http = http
         self.stats: dict[str, int] = dict.fromkeys(LEVELS, 0)
+        self.admissions: dict[str, int] = dict.fromkeys(ADMISSIONS, 0)
         self._clock = clock
         self._local: TTLCache[str, _Entry] = TTLCache(
             maxsize=config.token_cache_size, ttl=config.token_cache_ttl, timer=clock
         )
+        # Admission decisions from the user record (True = enabled), dropped with the user's tokens.
+        self._admitted: TTLCache[str, bool] = TTLCache(
+            maxsize=config.token_cache_size, ttl=config.token_cache_ttl, timer=clock
+        )
+        self._lookups: dict[str, asyncio.Task[tuple[bool, str]]] = {}  # admission look-ups, per user
         self._inflight: dict[str, asyncio.Task[tuple[Credential, str]]] = {}  # joinable, per user
-        self._running: set[asyncio.Task[tuple[Credential, str]]] = set()  # every one, for close()
+        self._running: set[asyncio.Task[Any]] = set()  # every sign-in and look-up, for close()
         # Bumped by every invalidation: a fetch that saw it change must not fill the process cache,
         # or a token invalidated while the fetch was reading Redis would live on here.
         self._generation = 0
@@ -132,6 +149,7 @@ class AuthService:
         """Cancel sign-ins in flight and close the token cache and the user store this service owns."""
         tasks = list(self._running)
         self._inflight.clear()
+        self._lookups.clear()
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -152,6 +170,74 @@ class AuthService:
         if bot.auth == "token":
             return await self._resolve_token(userid)
         raise ValueError(f"unknown auth mode {bot.auth!r}")
+
+    async def admit(self, bot: BotConfig, userid: str) -> bool | None:
+        """May ``userid`` use ``bot``? True or False, or None when that is not known within
+        ``auth_admit_timeout`` seconds (the answer job then decides, through ``resolve``).
+
+        For the callback path: it reads only laibao's own stores (the token caches, the user record)
+        and never calls the auth service. A look-up that outlives the bound keeps running and fills
+        the cache for the user's next message.
+        """
+        if bot.auth == "open":
+            return True
+        if bot.auth == "token":
+            entry = self._local.get(userid)
+            if entry is not None and entry.expires > self._clock():
+                self.admissions["token"] += 1
+                return True  # a live token is only ever issued to an enabled user
+        known = self._admitted.get(userid)
+        if known is None:
+            task = self._lookups.get(userid)
+            if task is None:
+                task = asyncio.get_running_loop().create_task(
+                    self._look_up(userid, bot.auth == "token"), name=f"laibao-admit-{userid}"
+                )
+                self._lookups[userid] = task
+                self._running.add(task)
+                task.add_done_callback(lambda done: self._looked_up(userid, done))
+            try:
+                known, level = await asyncio.wait_for(asyncio.shield(task), self.config.auth_admit_timeout)
+            except (TimeoutError, AuthUnavailable):
+                self.admissions["undecided"] += 1
+                return None
+        else:
+            level = "allowed" if known else "refused"
+        self.admissions[level] += 1
+        return known
+
+    async def decide(self, bot: BotConfig, userid: str) -> bool:
+        """``admit`` without the time bound, for work that runs in the background (feedback, a deferred
+        command); AuthUnavailable when a store cannot tell."""
+        if bot.auth == "open":
+            return True
+        known = self._admitted.get(userid)
+        if known is not None:
+            return known
+        task = self._lookups.get(userid)
+        if task is None:
+            allowed, _ = await self._look_up(userid, bot.auth == "token")
+            return allowed
+        allowed, _ = await asyncio.shield(task)
+        return allowed
+
+    async def _look_up(self, userid: str, token_mode: bool) -> tuple[bool, str]:
+        """(allowed, counting level) from the shared token cache, then the user's record."""
+        generation = self._generation
+        if token_mode and await self._shared(userid) is not None:
+            return True, "token"
+        user = await self._user(userid)
+        allowed = user is not None and user.enabled
+        if generation == self._generation:  # an invalidation meanwhile may concern this very record
+            self._admitted[userid] = allowed
+        return allowed, "allowed" if allowed else "refused"
+
+    def _looked_up(self, userid: str, task: asyncio.Task[tuple[bool, str]]) -> None:
+        self._running.discard(task)
+        if self._lookups.get(userid) is task:
+            del self._lookups[userid]
+        if not task.cancelled():
+            task.exception()  # retrieved: a look-up whose caller gave up is not reported as lost
 
     async def invalidate(self, userid: str, token: str) -> None:
         """Forget ``token`` everywhere (it was refused): shared cache, this process, every other process.
@@ -272,10 +358,14 @@ class AuthService:
         log.debug("invalidation: dropping the local token of %s", "every user" if userid == EVERY_USER else userid)
         if userid == EVERY_USER:
             self._local.clear()
+            self._admitted.clear()
             self._inflight.clear()
+            self._lookups.clear()
         else:
             self._local.pop(userid, None)
+            self._admitted.pop(userid, None)
             self._inflight.pop(userid, None)
+            self._lookups.pop(userid, None)
 
     async def _sign_in(self, user: User) -> tuple[Credential, float]:
         """POST the user's code and secret to the auth service; their token and its lifetime in seconds."""
@@ -283,34 +373,34 @@ class AuthService:
         body: dict[str, Any] = {}
         nest(body, config.auth_code_field, user.code)
         nest(body, config.auth_secret_field, user.secret)
-        request = HTTPRequest(
-            config.auth_url,
-            method="POST",
-            headers={"Content-Type": "application/json; charset=utf-8", "Accept": "application/json"},
-            body=json.dumps(body, ensure_ascii=False).encode(),
-            connect_timeout=config.auth_timeout,
-            request_timeout=config.auth_timeout,
-            follow_redirects=False,  # a redirected POST would become a GET without the credentials
-        )
         try:
-            response = await self.http.fetch(request, raise_error=False)
-        except HTTPClientError as exc:
-            # 599: tornado's own failures; their texts name the stage ("Timeout while connecting")
-            self._fail(user.userid, "timeout" if "Timeout" in str(exc) else f"unreachable ({exc.message})")
-        except (OSError, StreamClosedError) as exc:
-            self._fail(user.userid, f"unreachable ({type(exc).__name__})")
-        token, ttl = self._read_answer(user.userid, response)
+            # A short call: no redirects (a redirected POST would lose the credentials), about 1 MB at most.
+            reply = await self.http.fetch(
+                config.auth_url,
+                method="POST",
+                headers={"Content-Type": "application/json; charset=utf-8", "Accept": "application/json"},
+                body=json.dumps(body, ensure_ascii=False).encode(),
+                connect_timeout=config.auth_timeout,
+                timeout=config.auth_timeout,
+            )
+        except UpstreamTimeout:
+            self._fail(user.userid, "timeout")
+        except UpstreamTooLarge as exc:
+            self._fail(user.userid, f"the answer is larger than {exc.limit} bytes")
+        except UpstreamError as exc:
+            self._fail(user.userid, f"unreachable ({exc})")
+        token, ttl = self._read_answer(user.userid, reply)
         log.info("signed in %s at the auth service (token valid %.0f s)", user.userid, ttl)
         return Credential(user.userid, user.name, token), ttl
 
-    def _read_answer(self, userid: str, response: HTTPResponse) -> tuple[str, float]:
+    def _read_answer(self, userid: str, reply: Reply) -> tuple[str, float]:
         config = self.config
-        if not 200 <= response.code < 300:
-            hint = " (the user's code or secret was refused)" if response.code in (401, 403) else ""
-            self._fail(userid, f"HTTP {response.code}{hint}")
+        if not 200 <= reply.status < 300:
+            hint = " (the user's code or secret was refused)" if reply.status in (401, 403) else ""
+            self._fail(userid, f"HTTP {reply.status}{hint}")
         try:
-            payload = json.loads(response.body or b"")
-        except (ValueError, UnicodeDecodeError):
+            payload = parse_json(reply.body)
+        except ValueError:  # not JSON, not UTF-8, or nested too deeply
             self._fail(userid, "the answer is not JSON")
         token = lookup(payload, config.auth_token_field)
         if not isinstance(token, str) or not token:
@@ -322,7 +412,8 @@ class AuthService:
         if raw_ttl is not None:
             number = _number(raw_ttl)
             if number is not None and number > 0:
-                ttl = number
+                # A lifetime of years would keep a token in Redis (and out of reach of a re-check) as long.
+                ttl = min(number, config.auth_max_ttl)
             else:
                 log.warning("auth service gave %s no usable lifetime at %r; using %g s",
                             userid, config.auth_ttl_field, ttl)

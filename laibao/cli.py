@@ -1,13 +1,15 @@
-"""The `laibao` command: serve, chat, check, gen-key, db, users."""
+"""The `laibao` command: serve, chat, check, gen-key, init, db, users."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import base64
+import getpass
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from tornado.httpclient import AsyncHTTPClient
 
@@ -41,6 +43,13 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--config", help="TOML configuration file")
 
     sub.add_parser("gen-key", help="print a new Token and EncodingAESKey")
+
+    init = sub.add_parser("init", help="write a first .env (new keys, the Dify app) and check Dify")
+    init.add_argument("--dify-url", help="Dify API base ending in /v1 (asked on a terminal when missing)")
+    init.add_argument("--dify-key", help="the Dify app's API key (asked on a terminal when missing)")
+    init.add_argument("--redis-url", default="", help="Redis for several processes (default: none, one process)")
+    init.add_argument("--env-file", default=".env", help="where to write (default: .env here)")
+    init.add_argument("--force", action="store_true", help="replace an existing file (its keys are lost)")
     admin.add_parsers(sub)  # db init, users add|disable|enable|remove|list
     return parser
 
@@ -62,9 +71,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"LAIBAO_WECOM_AES_KEY={generate_aes_key()}")
         print(f"LAIBAO_SECRET_KEY={base64.b64encode(os.urandom(32)).decode()}")
         return 0
+    if args.command == "init":
+        return _init(args)
     try:
         config = _load(args)
     except ConfigError as exc:
+        if args.config is None and not Path(".env").exists() and not any(k.startswith("LAIBAO_") for k in os.environ):
+            # A first run: one line with the way forward, not a list of every required setting.
+            print("laibao: no configuration here (no .env, no LAIBAO_* variables): run `laibao init` "
+                  "(or `make init`) to write a first .env", file=sys.stderr)
+            return EXIT_USAGE
         for problem in exc.problems:
             print(f"laibao: config: {problem}", file=sys.stderr)
         return EXIT_USAGE
@@ -79,6 +95,55 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command in ("db", "users"):
         return admin.run(config, args)
     return asyncio.run(_check(config))
+
+
+def _init(args: argparse.Namespace) -> int:
+    """`laibao init`: write a first .env, check Dify with it, say what to paste into WeCom."""
+    from laibao import firstrun
+
+    path = Path(args.env_file)
+    if path.exists() and not args.force:
+        print(f"laibao: init: {path} exists and is kept; --force replaces it (WeCom then needs the new keys)",
+              file=sys.stderr)
+        return EXIT_USAGE
+    dify_url, dify_key = args.dify_url, args.dify_key
+    if dify_url is None or dify_key is None:
+        if not sys.stdin.isatty():
+            missing = " and ".join(flag for flag, value in (("--dify-url", dify_url), ("--dify-key", dify_key))
+                                   if value is None)
+            print(f"laibao: init: {missing} required (no terminal to ask on)", file=sys.stderr)
+            return EXIT_USAGE
+        if dify_url is None:
+            dify_url = input(f"Dify API base URL [{firstrun.DEFAULT_DIFY_URL}]: ").strip() or firstrun.DEFAULT_DIFY_URL
+        if dify_key is None:
+            dify_key = getpass.getpass("Dify app API key (app-...): ")
+    settings = firstrun.fresh_settings(dify_url, dify_key, args.redis_url)
+    try:
+        config = firstrun.validate(settings)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(f"laibao: init: {problem}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        firstrun.write_env(path, firstrun.render(settings), force=args.force)
+    except OSError as exc:
+        print(f"laibao: init: cannot write {path}: {exc.strerror}", file=sys.stderr)
+        return 1
+    print(f"wrote {path} (owner-only) with a new Token, EncodingAESKey and LAIBAO_SECRET_KEY")
+    checked = asyncio.run(_check(config))
+    bot = config.bots[0]
+    print(
+        "\nIn the WeCom admin console, create an AI bot (智能机器人) in API mode and set:\n"
+        f"  URL             https://<this server's public address>{bot.path}\n"
+        f"  Token           {bot.token}\n"
+        f"  EncodingAESKey  {bot.aes_key}\n"
+        "Then start laibao (make run, or laibao serve) before saving: WeCom checks the URL at once.\n"
+        'Try it without WeCom: laibao chat "你好"'
+    )
+    if checked != 0:
+        print(f"laibao: init: Dify did not answer as expected: correct LAIBAO_DIFY_URL / LAIBAO_DIFY_KEY in {path}, "
+              "then run `laibao check`", file=sys.stderr)
+    return checked
 
 
 def _pick_bot(config: Config, name: str) -> BotConfig | None:

@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from laibao import texts
 from laibao.config import BotConfig
 from laibao.wecom import Callback
 
@@ -14,6 +15,7 @@ from laibao.wecom import Callback
 _LEADING_MENTIONS = re.compile(r"^(?:\s*@\S+(?:\s+|$))+")
 
 NEW, STOP, HELP = "new", "stop", "help"
+MAX_MIXED_IMAGES = 10  # each image is downloaded, decrypted and uploaded to Dify before the question goes
 DEFAULT_HELP = "直接发送问题即可。{new}：开始新对话；{stop}：停止当前回答；{help}：查看帮助。"
 
 
@@ -24,6 +26,7 @@ class Inbound:
     text: str  # the query text for Dify ("" for media alone)
     command: str = ""  # NEW, STOP, HELP or ""
     media: tuple[Mapping[str, str], ...] = ()  # {"kind": "image"|"file"|"video", "url": ...}
+    refusal: str = ""  # the message cannot be taken as sent: answer this instead (nothing is kept)
 
 
 def strip_mentions(text: str) -> str:
@@ -93,6 +96,8 @@ def read_message(callback: Callback, bot: BotConfig) -> Inbound:
         pairs = _mixed_items(body) if isinstance(body, Mapping) else []
         text = " ".join(t for t, _ in pairs if t)
         media = [{"kind": "image", "url": url} for _, url in pairs if url]
+        if len(media) > MAX_MIXED_IMAGES:
+            return Inbound(text="", refusal=texts.TOO_MANY_IMAGES)
     elif callback.msgtype in ("image", "file", "video"):
         body = raw.get(callback.msgtype)
         url = body.get("url") if isinstance(body, Mapping) else None

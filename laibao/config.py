@@ -21,6 +21,7 @@ from urllib.parse import urlsplit
 
 from laibao.crypto import WeComCrypto
 from laibao.errors import ConfigError, CryptoError
+from laibao.outbound import HostAllowlist
 
 ENV_PREFIX = "LAIBAO_"
 BOT_NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -90,16 +91,21 @@ class Config:
     flush_interval: float = 0.1
     flush_bytes: int = 1024
     max_body_bytes: int = 1024 * 1024
+    idle_connection_timeout: float = 30.0  # a client connection idle (or sending its headers) this long is closed
+    body_timeout: float = 10.0  # a request body not complete within this many seconds closes the connection
     log_content: bool = False  # message and answer text in logs (debugging only)
     max_clock_skew: float = 600.0  # callbacks whose timestamp is further from now are refused
     shutdown_grace: float = 20.0
+    shutdown_delay: float = 2.0  # after SIGTERM keep accepting this long: load balancers see /readyz 503 first
     auth_url: str = ""
     auth_timeout: float = 5.0
+    auth_admit_timeout: float = 0.5  # the callback path waits at most this long for a user's record
     auth_code_field: str = "code"
     auth_secret_field: str = "secret"  # noqa: S105 - a JSON field name, not a secret
     auth_token_field: str = "token"  # noqa: S105 - a JSON field name, not a secret
     auth_ttl_field: str = "expires_in"
     auth_default_ttl: float = 3600.0
+    auth_max_ttl: float = 86400.0  # a longer token lifetime from the auth service is cut to this
     secret_key: str = field(default="", repr=False)
     token_cache_ttl: float = 30.0
     token_cache_size: int = 10000
@@ -111,6 +117,11 @@ class Config:
     media_deadline: float = 120.0  # seconds for one answer's media step (downloads and uploads, or images)
     media_memory_bytes: int = 256 * 1024 * 1024  # media bytes held in memory at once on one process
     delivery_sweep: float = 10.0  # seconds between looks for response_url deliveries a dead process left
+    # Where URLs from outside may point; empty = WeCom's own hosts (laibao.outbound). Entries are host,
+    # host:port or *.domain; hosts listed here may resolve to private addresses.
+    wecom_media_hosts: tuple[str, ...] = ()
+    response_url_hosts: tuple[str, ...] = ()
+    dify_file_hosts: tuple[str, ...] = ()  # besides each bot's Dify origin
 
     @cached_property
     def node(self) -> str:
@@ -198,15 +209,20 @@ _GLOBAL_PARSERS: dict[str, Parser] = {
     "flush_interval": _float,
     "flush_bytes": _int,
     "max_body_bytes": _int,
+    "idle_connection_timeout": _float,
+    "body_timeout": _float,
     "max_clock_skew": _float,
     "shutdown_grace": _float,
+    "shutdown_delay": _float,
     "auth_url": _str,
     "auth_timeout": _float,
+    "auth_admit_timeout": _float,
     "auth_code_field": _str,
     "auth_secret_field": _str,
     "auth_token_field": _str,
     "auth_ttl_field": _str,
     "auth_default_ttl": _float,
+    "auth_max_ttl": _float,
     "secret_key": _str,
     "token_cache_ttl": _float,
     "token_cache_size": _int,
@@ -218,6 +234,9 @@ _GLOBAL_PARSERS: dict[str, Parser] = {
     "media_deadline": _float,
     "media_memory_bytes": _int,
     "delivery_sweep": _float,
+    "wecom_media_hosts": _words,
+    "response_url_hosts": _words,
+    "dify_file_hosts": _words,
 }
 _BOT_PARSERS: dict[str, Parser] = {
     "name": _str,
@@ -427,6 +446,14 @@ def _check_globals(config: Config) -> list[str]:
         problems.append("auth_url: must be an http(s) URL")
     if config.secret_key and secret_key_bytes(config.secret_key) is None:
         problems.append("secret_key: must be base64 of 32 bytes (laibao gen-key prints one)")
+    if config.auth_default_ttl > config.auth_max_ttl:
+        problems.append("auth_default_ttl: must not exceed auth_max_ttl")
+    for name in ("wecom_media_hosts", "response_url_hosts", "dify_file_hosts"):
+        for entry in getattr(config, name):
+            try:
+                HostAllowlist(name, (entry,))
+            except ValueError:
+                problems.append(f"{name}: {entry!r} is not a host, host:port or *.domain")
     if config.window_margin >= config.stream_window:
         problems.append("window_margin: must be shorter than stream_window")
     if config.max_answer_bytes < 2 * 20480:

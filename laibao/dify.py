@@ -1,4 +1,4 @@
-"""Dify's Service API on Tornado's AsyncHTTPClient (simple_httpclient): every app type's streaming answer,
+"""Dify's Service API through :mod:`laibao.outbound`: every app type's streaming answer,
 stop, file upload, parameters, feedback, suggested questions, conversation deletion, and file downloads.
 
 Every app type answers through :meth:`DifyClient.chat_stream` with the same event shapes: a workflow
@@ -13,32 +13,24 @@ Failures are mapped onto :mod:`laibao.errors` here, with ``raise ... from exc``:
                          count), "total" (the ``request_timeout`` ceiling)
     DifyStreamError      malformed SSE, an ``error`` event, or the stream ending without ``message_end``
 
-``fetch`` (Dify's file URLs) raises the :mod:`laibao.media` errors instead: it downloads media, and
-never sends the API key (those URLs are signed, and may point anywhere).
+``fetch`` (Dify's file URLs) raises the :mod:`laibao.media` errors instead: it downloads media from
+Dify's own origin (or ``file_hosts``) only, and never sends the API key (those URLs are signed).
 
-No message or log line carries the API key or a per-user bearer token. Streaming relies on
-simple_httpclient (Tornado's default implementation): ``body_producer``, coroutine ``streaming_callback``
-(back-pressure) and early abort are not available with curl_httpclient.
+Every request goes through :class:`laibao.outbound.Outbound`, which owns Tornado's client, its limits
+and its errors; short answers (/info, /parameters, ...) are bounded there at about 1 MB. No message or
+log line carries the API key or a per-user bearer token.
 """
 
 from __future__ import annotations
 
-import asyncio
-import collections
 import json
 import logging
 import re
 import uuid
-from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Mapping, Sequence
 from http import HTTPStatus
 from typing import Any
 from urllib.parse import quote, urlencode, urljoin, urlsplit
-
-from tornado import httputil
-from tornado.http1connection import HTTP1Connection
-from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest, HTTPResponse
-from tornado.iostream import IOStream
-from tornado.simple_httpclient import HTTPTimeoutError
 
 from laibao.errors import (
     DifyConnectionError,
@@ -46,8 +38,12 @@ from laibao.errors import (
     DifyHTTPError,
     DifyStreamError,
     DifyTimeoutError,
+    UpstreamError,
+    UpstreamTimeout,
+    UpstreamTooLarge,
 )
-from laibao.media import fetch_bounded, outputs_text
+from laibao.media import fetch_media, outputs_text
+from laibao.outbound import Exchange, HostAllowlist, Outbound, origin_entry, parse_json
 from laibao.sse import (
     DifyEvent,
     ErrorEvent,
@@ -77,8 +73,15 @@ _UPLOAD_TIMEOUT = 300.0  # an upload of WeCom's largest file (100 MB) over a mod
 _WORKFLOW_ENDED = frozenset({"succeeded", "partial-succeeded", "stopped"})
 _MESSAGE_CHARS = 200  # at most this much of an error body goes into an exception message
 _ERROR_BODY_BYTES = 64 * 1024  # what is read of an error body before giving up on the rest
-_BACKPRESSURE_BYTES = 1 << 20  # received but unconsumed bytes before the socket is no longer read
-_ABORT_WAIT = 2.0  # how long closing a stream waits for Tornado to report the request finished
+# Error codes Dify documents, and the ones laibao derives from a status: the only metric labels besides
+# the exception's class (no code) and "other" (any other code), so an upstream cannot grow the label set.
+KNOWN_ERROR_CODES = frozenset({
+    "unauthorized", "forbidden", "not_found", "invalid_param", "bad_request", "app_unavailable",
+    "provider_not_initialize", "provider_quota_exceeded", "model_currently_not_support",
+    "completion_request_error", "conversation_completed", "rate_limit_error", "too_many_requests",
+    "internal_server_error", "bad_gateway", "service_unavailable", "gateway_timeout", "file_too_large",
+    "unsupported_file_type", "workflow_failed", "invalid_api_key", "app_disabled",
+})
 _TAG = re.compile(r"<[^>]*>")
 _SPACE = re.compile(r"\s+")
 _MIME = re.compile(r"[\w.+-]+/[\w.+-]+")
@@ -92,10 +95,11 @@ class DifyClient:
         base_url: str,
         api_key: str,
         *,
-        http: AsyncHTTPClient | None = None,
+        http: Outbound | None = None,
         connect_timeout: float = 10.0,
         idle_timeout: float = 90.0,
         total_timeout: float = 1200.0,
+        file_hosts: Sequence[str] = (),
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self._api_key = api_key
@@ -103,16 +107,18 @@ class DifyClient:
         self.connect_timeout = connect_timeout
         self.idle_timeout = idle_timeout
         self.total_timeout = total_timeout
+        # Files Dify points to are fetched from its own origin only (plus hosts the operator lists).
+        self.files = HostAllowlist("Dify files", (origin_entry(self.base_url), *file_hosts))
 
     def __repr__(self) -> str:
         return f"DifyClient({self.base_url!r})"
 
     @property
-    def http(self) -> AsyncHTTPClient:
-        """The HTTP client; the IOLoop's shared one unless one was given."""
+    def http(self) -> Outbound:
+        """The HTTP clients; a private pair trusting only this Dify's host unless some were given."""
         if self._http is None:
             # Created on first use, inside the running loop, never at import time.
-            self._http = AsyncHTTPClient()
+            self._http = Outbound(trusted=[urlsplit(self.base_url).hostname or ""])
         return self._http
 
     async def chat_stream(
@@ -141,34 +147,19 @@ class DifyClient:
         if files is not None:
             payload["files"] = [dict(item) for item in files]
         body = json.dumps(payload, ensure_ascii=False).encode()
-        exchange = _Exchange(body, self.idle_timeout)
         headers = self._headers(bearer)
         headers["Accept"] = "text/event-stream"
-        # The body goes through body_producer, which lets the exchange reach the connection to close
-        # it on abort; Tornado only sets Content-Length itself for ``body``.
-        headers["Content-Length"] = str(len(body))
-        request = HTTPRequest(
-            self.base_url + path,
-            method="POST",
-            headers=headers,
-            body_producer=exchange.produce_body,
-            header_callback=exchange.on_header_line,
-            streaming_callback=exchange.on_chunk,
-            connect_timeout=self.connect_timeout,
-            request_timeout=self.total_timeout,
-            follow_redirects=False,
-            # No gzip: a compressing proxy would hold SSE frames back until its buffer fills.
-            decompress_response=False,
-        )
-        exchange.start(self.http.fetch(request, raise_error=False))
+        exchange = self.http.open_stream(self.base_url + path, headers=headers, body=body,
+                                         connect_timeout=self.connect_timeout, timeout=self.total_timeout,
+                                         idle_timeout=self.idle_timeout)
         parser = SSEParser()
         workflow = _WorkflowAnswer() if mode == WORKFLOW else None
         try:
             while True:
                 try:
                     chunk = await exchange.receive()
-                except _TransportFailure as failure:
-                    raise self._transport_error(exchange, failure.exc) from failure.exc
+                except UpstreamError as exc:
+                    raise self._transport_error(exchange, exc) from exc
                 if not 200 <= exchange.status < 300:
                     raise await self._error_from_body(exchange, chunk)
                 events = parser.feed(chunk) if chunk else parser.close()
@@ -207,8 +198,19 @@ class DifyClient:
         return _json_object(await self._call("GET", "/info", None), "/info")
 
     async def parameters(self, bearer: str | None = None) -> dict[str, Any]:
-        """The app's settings (``opening_statement``, ``suggested_questions``, ``file_upload``, limits)."""
-        return _json_object(await self._call("GET", "/parameters", None, bearer), "/parameters")
+        """The app's settings (``opening_statement``, ``suggested_questions``, ``file_upload``, limits).
+
+        ``opening_statement`` is always a string and ``suggested_questions`` a list of strings, whatever
+        Dify sent (anything else reads as none).
+        """
+        answer = _json_object(await self._call("GET", "/parameters", None, bearer), "/parameters")
+        opening = answer.get("opening_statement")
+        questions = answer.get("suggested_questions")
+        answer["opening_statement"] = opening if isinstance(opening, str) else ""
+        answer["suggested_questions"] = (
+            [q for q in questions if isinstance(q, str)] if isinstance(questions, list) else []
+        )
+        return answer
 
     async def feedback(
         self, message_id: str, rating: str | None, user: str, content: str = "", bearer: str | None = None
@@ -288,12 +290,12 @@ class DifyClient:
     ) -> tuple[bytes, str]:
         """Download a file Dify points to (relative URLs on Dify's origin); (body, Content-Type).
 
-        Raises :class:`~laibao.media.MediaTooLarge` past ``max_bytes`` and
-        :class:`~laibao.media.MediaUnavailable` otherwise; no API key is sent.
+        Only Dify's origin (and ``file_hosts``) is fetched from, redirects included. Raises
+        :class:`~laibao.media.MediaTooLarge` past ``max_bytes`` and :class:`~laibao.media.MediaUnavailable`
+        otherwise; no API key is sent.
         """
-        return await fetch_bounded(
-            self.http, self.resolve(url), max_bytes, timeout, connect_timeout=self.connect_timeout
-        )
+        return await fetch_media(self.http, self.resolve(url), self.files, max_bytes, timeout,
+                                 connect_timeout=self.connect_timeout)
 
     async def _call(
         self,
@@ -310,29 +312,19 @@ class DifyClient:
         timeout = min(time_limit, self.total_timeout)
         if payload is not None:
             body = json.dumps(payload, ensure_ascii=False).encode()
-        request = HTTPRequest(
-            self.base_url + path,
-            method=method,
-            headers=headers or self._headers(bearer),
-            body=body,
-            connect_timeout=self.connect_timeout,
-            request_timeout=timeout,
-            follow_redirects=False,
-            # DELETE /conversations carries a JSON body, which Tornado refuses for DELETE unless told.
-            allow_nonstandard_methods=method == "DELETE",
-        )
         try:
-            response = await self.http.fetch(request, raise_error=False)
-        except HTTPTimeoutError as exc:
-            # Tornado names the phase: "Timeout during request" is the ceiling, anything else connecting.
-            if "during request" in str(exc):
-                raise DifyTimeoutError("total", timeout) from exc
-            raise DifyTimeoutError("connect", self.connect_timeout) from exc
-        except (OSError, HTTPClientError, httputil.HTTPInputError) as exc:
-            raise DifyConnectionError(f"cannot reach Dify at {self._where()}: {_describe(exc)}") from exc
-        if not 200 <= response.code < 300:
-            raise _http_error(response.code, response.body or b"")
-        return response.body or b""
+            # Short answers: bounded at about 1 MB, never decompressed, no redirects.
+            reply = await self.http.fetch(self.base_url + path, method=method, headers=headers or self._headers(bearer),
+                                          body=body, connect_timeout=self.connect_timeout, timeout=timeout)
+        except UpstreamTimeout as exc:
+            raise DifyTimeoutError(exc.phase, exc.seconds) from exc
+        except UpstreamTooLarge as exc:
+            raise DifyError(f"Dify {path.split('?')[0]} answered more than {exc.limit} bytes") from exc
+        except UpstreamError as exc:
+            raise DifyConnectionError(f"cannot reach Dify at {self._where()}: {exc}") from exc
+        if not 200 <= reply.status < 300:
+            raise _http_error(reply.status, reply.body)
+        return reply.body
 
     def _headers(self, bearer: str | None = None) -> dict[str, str]:
         token = self._api_key if bearer is None else bearer
@@ -343,26 +335,24 @@ class DifyClient:
         parts = urlsplit(self.base_url)
         return f"{parts.hostname}:{parts.port}" if parts.port else str(parts.hostname)
 
-    def _transport_error(self, exchange: _Exchange, exc: BaseException) -> DifyError:
-        """Map a fetch that failed below HTTP, by how far the exchange had got."""
-        if isinstance(exc, HTTPTimeoutError):
-            if exchange.connected:
-                return DifyTimeoutError("total", self.total_timeout)
-            return DifyTimeoutError("connect", self.connect_timeout)
+    def _transport_error(self, exchange: Exchange, exc: UpstreamError) -> DifyError:
+        """Map a stream that failed below HTTP, by how far the exchange had got."""
+        if isinstance(exc, UpstreamTimeout):
+            return DifyTimeoutError(exc.phase, exc.seconds)
         if exchange.status and not 200 <= exchange.status < 300:
             return _http_error(exchange.status, b"")  # an error answer cut short: the status says enough
         if exchange.status:
             return DifyStreamError(f"Dify stream broke off: {_describe(exc)}")
         return DifyConnectionError(f"cannot reach Dify at {self._where()}: {_describe(exc)}")
 
-    async def _error_from_body(self, exchange: _Exchange, first: bytes) -> DifyHTTPError:
+    async def _error_from_body(self, exchange: Exchange, first: bytes) -> DifyHTTPError:
         """Read (a bounded part of) an error answer's body and make the error from it."""
         body = bytearray(first[:_ERROR_BODY_BYTES])
         chunk = first
         while chunk and len(body) < _ERROR_BODY_BYTES:
             try:
                 chunk = await exchange.receive()
-            except _TransportFailure:
+            except UpstreamError:
                 break  # the status says enough; a body cut short only shortens the message
             body += chunk[: _ERROR_BODY_BYTES - len(body)]
         return _http_error(exchange.status, bytes(body))
@@ -415,6 +405,14 @@ class _WorkflowAnswer:
         return out
 
 
+def error_label(exc: DifyError) -> str:
+    """The metric label of a Dify failure: a known code, the error's class when it has no code, or "other"."""
+    code = getattr(exc, "code", "") or ""
+    if not code:
+        return type(exc).__name__
+    return code if isinstance(code, str) and code in KNOWN_ERROR_CODES else "other"
+
+
 def _stream_route(mode: str) -> tuple[str, str]:
     """The streaming endpoint of an app mode and the name of its terminal event."""
     if mode in CHAT_MODES:
@@ -428,7 +426,7 @@ def _stream_route(mode: str) -> tuple[str, str]:
 
 def _json_object(body: bytes, what: str) -> dict[str, Any]:
     try:
-        answer = json.loads(body)
+        answer = parse_json(body)
     except ValueError as exc:
         raise DifyError(f"Dify {what} answered something that is not JSON") from exc
     if not isinstance(answer, dict):
@@ -458,162 +456,11 @@ def _multipart(
     return b"".join(parts)
 
 
-class _TransportFailure(Exception):
-    """The fetch failed below HTTP (refused, reset, Tornado's timeouts); ``exc`` is Tornado's error."""
-
-    def __init__(self, exc: BaseException) -> None:
-        super().__init__(str(exc))
-        self.exc = exc
-
-
-class _Abandoned(Exception):
-    """The consumer left before the connection was made: the request body is never sent."""
-
-
-class _Exchange:
-    """One streaming request: buffers what Tornado's callbacks deliver, watches idleness, can abort.
-
-    Tornado has no public way to abort a fetch (tornadoweb/tornado#157). simple_httpclient calls
-    ``body_producer`` with the ``write`` method of the request's ``HTTP1Connection`` once connected;
-    the exchange keeps that connection's IOStream, and closing it ends the fetch at once (Tornado then
-    reports a closed stream, which is discarded).
-    """
-
-    def __init__(self, body: bytes, idle_timeout: float) -> None:
-        self._body = body
-        self._idle_timeout = idle_timeout
-        self._loop = asyncio.get_running_loop()
-        self._chunks: collections.deque[bytes] = collections.deque()
-        self._buffered = 0
-        self._wake = asyncio.Event()
-        self._drained: asyncio.Future[None] | None = None
-        self._outcome: asyncio.Future[HTTPResponse] | None = None
-        self._stream: IOStream | None = None
-        self._last_activity = self._loop.time()
-        self._aborted = False
-        self.connected = False
-        self.status = 0
-
-    def start(self, outcome: asyncio.Future[HTTPResponse]) -> None:
-        """Follow the fetch started for this exchange."""
-        self._outcome = outcome
-        outcome.add_done_callback(self._on_outcome)
-
-    def produce_body(self, write: Callable[[bytes], None]) -> asyncio.Future[None]:
-        """Tornado's body_producer: called once the connection is made."""
-        if self._aborted:
-            raise _Abandoned("the consumer left while connecting")
-        connection = getattr(write, "__self__", None)
-        if isinstance(connection, HTTP1Connection):
-            self._stream = connection.stream
-        self.connected = True
-        self._touch()
-        write(self._body)
-        done: asyncio.Future[None] = self._loop.create_future()
-        done.set_result(None)
-        return done
-
-    def on_header_line(self, line: str) -> None:
-        """Tornado's header_callback: the status line tells whether the body is SSE or an error."""
-        self._touch()
-        if self.status == 0 and line.startswith("HTTP/"):
-            try:
-                self.status = httputil.parse_response_start_line(line.rstrip("\r\n")).code
-            except httputil.HTTPInputError:
-                pass  # the final HTTPResponse still carries the code
-
-    def on_chunk(self, chunk: bytes) -> asyncio.Future[None] | None:
-        """Tornado's streaming_callback; returns a future (back-pressure) while the consumer lags."""
-        self._touch()
-        if self._aborted:
-            return None
-        self._chunks.append(chunk)
-        self._buffered += len(chunk)
-        if self._buffered >= _BACKPRESSURE_BYTES:
-            self._drained = self._loop.create_future()
-            return self._drained
-        return None
-
-    async def receive(self) -> bytes:
-        """The bytes received since the last call; ``b""`` once the body is complete.
-
-        Raises DifyTimeoutError("idle") when nothing arrived for ``idle_timeout`` seconds and
-        _TransportFailure when the fetch failed.
-        """
-        while not self._chunks:
-            assert self._outcome is not None
-            if self._outcome.done():
-                return self._finish()
-            self._wake.clear()
-            if not self.connected:
-                # Connecting (or queued behind max_clients): Tornado's connect_timeout bounds this.
-                await self._wake.wait()
-                continue
-            remaining = self._last_activity + self._idle_timeout - self._loop.time()
-            if remaining <= 0:
-                raise DifyTimeoutError("idle", self._idle_timeout)
-            try:
-                async with asyncio.timeout(remaining):
-                    await self._wake.wait()
-            except TimeoutError:
-                pass  # checked again at the top: a byte may have arrived just in time
-        chunk = b"".join(self._chunks)
-        self._chunks.clear()
-        self._buffered = 0
-        if self._drained is not None:
-            self._resume()
-        return chunk
-
-    async def abort(self) -> None:
-        """Close the connection unless the response is complete; wait briefly for Tornado to let go."""
-        self._aborted = True
-        self._chunks.clear()
-        if self._drained is not None:
-            self._resume()
-        outcome = self._outcome
-        if outcome is None or outcome.done():
-            return
-        if self._stream is None:
-            # Still connecting: produce_body refuses to send once connected, which ends the fetch.
-            if self.connected:
-                log.warning("cannot close the Dify connection early with this HTTP client")
-            return
-        log.debug("closing the Dify connection before the response ended")
-        self._stream.close()
-        await asyncio.wait([outcome], timeout=_ABORT_WAIT)
-
-    def _finish(self) -> bytes:
-        assert self._outcome is not None
-        exc = self._outcome.exception()
-        if exc is not None:
-            raise _TransportFailure(exc)
-        if self.status == 0:
-            self.status = self._outcome.result().code
-        return b""
-
-    def _touch(self) -> None:
-        self._last_activity = self._loop.time()
-        self._wake.set()
-
-    def _resume(self) -> None:
-        """Let Tornado read the socket again; the pause was ours, so the idle clock restarts."""
-        assert self._drained is not None
-        if not self._drained.done():
-            self._drained.set_result(None)
-        self._drained = None
-        self._last_activity = self._loop.time()
-
-    def _on_outcome(self, outcome: asyncio.Future[HTTPResponse]) -> None:
-        if not outcome.cancelled():
-            outcome.exception()  # retrieved here, so an abandoned fetch never logs "never retrieved"
-        self._wake.set()
-
-
 def _http_error(status: int, body: bytes) -> DifyHTTPError:
     """DifyHTTPError from an error answer: Dify's JSON fields, or a short excerpt of whatever came."""
     text = body.decode("utf-8", "replace")
     try:
-        answer = json.loads(text)
+        answer = parse_json(text)
     except ValueError:
         answer = None
     if isinstance(answer, dict) and ("code" in answer or "message" in answer):

@@ -10,7 +10,12 @@
     │   ├── DifyTimeoutError   connect timeout, idle watchdog or total ceiling
     │   └── DifyStreamError    malformed SSE, an `error` event, or EOF without a terminal event
     ├── StoreError             Redis / MySQL unavailable or misbehaving
-    └── AuthError              the user could not be authenticated
+    ├── AuthError              the user could not be authenticated
+    └── UpstreamError          an outbound HTTP call failed below the application (laibao.outbound)
+        ├── UpstreamRefused    the URL's host is not allowed, or it resolves to a private address
+        ├── UpstreamTimeout    no connection in time ("connect"), or no whole answer in time ("total")
+        ├── UpstreamTooLarge   the answer is larger than the call allows
+        └── UpstreamUnreachable  refused, reset, DNS, TLS, a malformed HTTP answer
 
 Third-party exceptions are mapped onto this tree at the boundary with ``raise ... from exc``.
 Messages are for operators and never contain secrets.
@@ -97,3 +102,32 @@ class StoreError(LaibaoError):
 
 class AuthError(LaibaoError):
     """The user could not be authenticated."""
+
+
+class UpstreamError(LaibaoError):
+    """An outbound HTTP call failed below the application; callers map it onto their own errors."""
+
+
+class UpstreamRefused(UpstreamError):
+    """The URL may not be fetched: scheme, host not on the allowlist, or a private address."""
+
+
+class UpstreamTimeout(UpstreamError):
+    """No connection within the connect timeout ("connect"), or no whole answer in time ("total")."""
+
+    def __init__(self, phase: str, seconds: float) -> None:
+        self.phase = phase
+        self.seconds = seconds
+        super().__init__(f"{phase} timeout after {seconds:g} s")
+
+
+class UpstreamTooLarge(UpstreamError):
+    """The answer is larger than ``limit`` bytes."""
+
+    def __init__(self, message: str, limit: int) -> None:
+        self.limit = limit
+        super().__init__(message)
+
+
+class UpstreamUnreachable(UpstreamError):
+    """Connection refused or reset, DNS or TLS failure, or an answer that is not HTTP."""

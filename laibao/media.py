@@ -14,7 +14,6 @@ Everything else here is pure: no I/O, safe to call on every snapshot of a stream
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import codecs
 import hashlib
@@ -30,21 +29,23 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-from tornado import httputil
-from tornado.http1connection import HTTP1Connection
-from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
-from tornado.iostream import IOStream
-from tornado.simple_httpclient import HTTPTimeoutError
-
 from laibao.crypto import WeComCrypto
-from laibao.errors import CryptoError, DifyError, LaibaoError
+from laibao.errors import (
+    CryptoError,
+    DifyError,
+    LaibaoError,
+    UpstreamError,
+    UpstreamRefused,
+    UpstreamTimeout,
+    UpstreamTooLarge,
+)
+from laibao.outbound import MAX_REDIRECTS, HostAllowlist, Outbound
 
 log = logging.getLogger("laibao.media")
 
 WECOM_CONTENT_BYTES = 20480  # WeCom's cap on a stream's or markdown message's content, in UTF-8 bytes
 IMAGE_MAX_BYTES = 10 * 1024 * 1024  # WeCom's cap on one msg_item image (raw bytes)
 _AES_PAD = 32  # WeCom media are padded to 32 bytes, so the ciphertext is at most this much longer
-_MAX_REDIRECTS = 5
 _SNIFF_TEXT_BYTES = 64 * 1024  # how much of a file is inspected to decide whether it is text
 _MB = 1024 * 1024
 
@@ -79,127 +80,44 @@ class MediaUnsupported(MediaError):
 # ----------------------------------------------------------------------------------------- downloads
 
 
-class _TooLarge(Exception):
-    """Raised inside Tornado's callbacks when the connection cannot be closed instead (never expected)."""
-
-
-class _Bounded:
-    """Collects one download's body, refusing more than ``max_bytes`` of a 2xx answer.
-
-    Refusing closes the connection: raising from Tornado's callbacks would work too, but Tornado logs
-    such an exception as uncaught. The connection is reached the way ``laibao.dify`` reaches it: through
-    the ``write`` method simple_httpclient hands to ``body_producer`` once connected.
-    """
-
-    def __init__(self, max_bytes: int) -> None:
-        self.max_bytes = max_bytes
-        self.status = 0
-        self.content_type = ""
-        self.body = bytearray()
-        self.too_large = False
-        self._stream: IOStream | None = None
-
-    def produce_body(self, write: Callable[[bytes], None]) -> asyncio.Future[None]:
-        """Tornado's body_producer (called per connection, redirects included): a GET sends no body."""
-        connection = getattr(write, "__self__", None)
-        if isinstance(connection, HTTP1Connection):
-            self._stream = connection.stream
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        done.set_result(None)
-        return done
-
-    def on_header(self, line: str) -> None:
-        """Tornado's header_callback: status line, then each header (again after every redirect)."""
-        if line.startswith("HTTP/"):
-            self.status, self.content_type = 0, ""
-            self.body.clear()
-            try:
-                self.status = httputil.parse_response_start_line(line.rstrip("\r\n")).code
-            except httputil.HTTPInputError:
-                pass  # the final response still carries the code
-            return
-        name, _, value = line.partition(":")
-        name = name.strip().lower()
-        if name == "content-type":
-            self.content_type = value.strip()
-        elif name == "content-length" and 200 <= self.status < 300:
-            length = value.strip()
-            # Refused before a byte of the body is read: no point downloading what must be dropped.
-            if length.isdigit() and int(length) > self.max_bytes:
-                self._refuse()
-
-    def on_chunk(self, chunk: bytes) -> None:
-        """Tornado's streaming_callback (redirect bodies never reach it)."""
-        if self.too_large:
-            return
-        if 200 <= self.status < 300 and len(self.body) + len(chunk) > self.max_bytes:
-            self._refuse()
-            return
-        if len(self.body) < self.max_bytes:  # an error body is kept only up to the allowance
-            self.body += chunk[: self.max_bytes - len(self.body)]
-
-    def _refuse(self) -> None:
-        self.too_large = True
-        self.body.clear()
-        if self._stream is None:
-            raise _TooLarge
-        self._stream.close()
-
-
-async def fetch_bounded(
-    http: AsyncHTTPClient,
+async def fetch_media(
+    http: Outbound,
     url: str,
+    allow: HostAllowlist,
     max_bytes: int,
-    timeout: float,  # noqa: ASYNC109 - it is Tornado's request_timeout, which also ends the connection
+    timeout: float,  # noqa: ASYNC109 - Tornado's request_timeout, which also ends the connection
     *,
     connect_timeout: float | None = None,
 ) -> tuple[bytes, str]:
-    """GET ``url`` (following redirects) and return (body, Content-Type); at most ``max_bytes`` of body."""
-    parts = urlsplit(url)
-    host = parts.hostname or "?"
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise MediaUnavailable("media URL is not an absolute http(s) URL")
-    bounded = _Bounded(max_bytes)
-    request = HTTPRequest(
-        url,
-        method="GET",
-        body_producer=bounded.produce_body,
-        allow_nonstandard_methods=True,  # a GET with a body_producer (which writes nothing)
-        header_callback=bounded.on_header,
-        streaming_callback=bounded.on_chunk,
-        connect_timeout=min(timeout, connect_timeout or timeout),
-        request_timeout=timeout,
-        follow_redirects=True,
-        max_redirects=_MAX_REDIRECTS,
-    )
+    """GET ``url`` from a host ``allow`` lists (redirects too): (body, Content-Type), at most ``max_bytes``."""
+    host = urlsplit(url).hostname or "?"
     try:
-        # Failures below HTTP are raised even with raise_error=False; HTTP errors come as a response.
-        response = await http.fetch(request, raise_error=False)
-    except (_TooLarge, OSError, HTTPClientError, httputil.HTTPInputError) as exc:
-        if bounded.too_large:  # the connection closed on purpose ends the fetch as "Stream closed"
-            raise MediaTooLarge(f"media from {host} is larger than {max_bytes} bytes", max_bytes) from None
-        if isinstance(exc, HTTPTimeoutError):
-            raise MediaUnavailable(f"media download from {host} timed out after {timeout:g} s") from exc
-        raise MediaUnavailable(f"cannot download media from {host}: {str(exc) or type(exc).__name__}") from exc
-    if bounded.too_large:
-        raise MediaTooLarge(f"media from {host} is larger than {max_bytes} bytes", max_bytes)
-    status = bounded.status or response.code
-    if not 200 <= status < 300:
-        raise MediaUnavailable(f"media server {host} answered HTTP {status}", status)
-    content_type = bounded.content_type or response.headers.get("Content-Type", "")
-    return bytes(bounded.body), content_type
+        reply = await http.fetch(url, allow=allow, max_bytes=max_bytes, redirects=MAX_REDIRECTS,
+                                 connect_timeout=connect_timeout or timeout, timeout=timeout)
+    except UpstreamTooLarge:
+        raise MediaTooLarge(f"media from {host} is larger than {max_bytes} bytes", max_bytes) from None
+    except UpstreamRefused as exc:
+        log.warning("media URL refused: %s", exc)
+        raise MediaUnavailable(f"media URL refused: {exc}") from exc
+    except UpstreamTimeout as exc:
+        raise MediaUnavailable(f"media download from {host} timed out after {timeout:g} s") from exc
+    except UpstreamError as exc:
+        raise MediaUnavailable(f"cannot download media from {host}: {exc}") from exc
+    if not 200 <= reply.status < 300:
+        raise MediaUnavailable(f"media server {host} answered HTTP {reply.status}", reply.status)
+    return reply.body, reply.content_type
 
 
 async def download_wecom_media(
-    http: AsyncHTTPClient,
+    http: Outbound,
     url: str,
     crypto: WeComCrypto,
     max_bytes: int,
     timeout: float,  # noqa: ASYNC109 - Tornado's request_timeout
 ) -> bytes:
-    """Download a WeCom media URL (valid 5 minutes) and decrypt it; at most ``max_bytes`` of plaintext."""
+    """Download a WeCom media URL (valid 5 minutes, WeCom's media hosts only) and decrypt it; at most ``max_bytes``."""
     try:
-        encrypted, _ = await fetch_bounded(http, url, max_bytes + _AES_PAD, timeout)
+        encrypted, _ = await fetch_media(http, url, http.wecom_media, max_bytes + _AES_PAD, timeout)
     except MediaTooLarge as exc:
         raise MediaTooLarge(f"WeCom media is larger than {max_bytes} bytes", max_bytes) from exc
     try:
@@ -431,7 +349,7 @@ def image_links(markdown: str) -> list[str]:
 
 
 async def image_item(
-    source: AsyncHTTPClient | Fetch,
+    fetch: Fetch,
     url: str,
     *,
     max_bytes: int = IMAGE_MAX_BYTES,
@@ -439,10 +357,7 @@ async def image_item(
 ) -> dict[str, Any] | None:
     """WeCom's ``msg_item`` image for ``url`` (JPG/PNG up to ``max_bytes``), or None if it cannot be one."""
     try:
-        if isinstance(source, AsyncHTTPClient):
-            data, _ = await fetch_bounded(source, url, max_bytes, timeout)
-        else:
-            data, _ = await source(url, max_bytes, timeout)
+        data, _ = await fetch(url, max_bytes, timeout)
     except (MediaError, DifyError) as exc:
         log.warning("image left out of the answer: %s", exc)
         return None
@@ -627,10 +542,13 @@ def outputs_text(outputs: Mapping[str, Any]) -> str:
     for value in outputs.values():
         if isinstance(value, str) and value:
             return value
-    data = {name: value for name, value in outputs.items() if not _is_file(value)}
-    if not data or all(value in (None, "", [], {}) for value in data.values()):
+    try:
+        data = {name: value for name, value in outputs.items() if not _is_file(value)}
+        if not data or all(value in (None, "", [], {}) for value in data.values()):
+            return ""
+        return json.dumps(data, ensure_ascii=False, separators=(",", ":"), default=str)
+    except RecursionError:  # outputs nested about as deep as Dify's JSON could be parsed: no answer in them
         return ""
-    return json.dumps(data, ensure_ascii=False, separators=(",", ":"), default=str)
 
 
 def _is_file(value: Any) -> bool:

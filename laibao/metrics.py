@@ -8,6 +8,8 @@ from prometheus_client.registry import Collector
 
 # Seconds: first words of an answer arrive within a few seconds; whole answers take up to minutes.
 _FIRST_CONTENT_BUCKETS = (0.25, 0.5, 1, 2, 3, 5, 8, 13, 21, 34, 60)
+# Seconds: a callback reply never waits on anything outside laibao; WeCom retries after about 5 s.
+_CALLBACK_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5)
 _ANSWER_BUCKETS = (1, 2, 5, 10, 20, 30, 60, 120, 240, 360, 600, 1200)
 
 
@@ -19,6 +21,10 @@ class Metrics:
         self.callbacks = Counter(
             "laibao_callbacks", "WeCom callbacks by bot, kind and outcome", ["bot", "kind", "outcome"],
             registry=self.registry,
+        )
+        self.callback_seconds = Histogram(
+            "laibao_callback_reply_seconds", "Time to reply to a WeCom callback, by kind", ["kind"],
+            buckets=_CALLBACK_BUCKETS, registry=self.registry,
         )
         self.active = Gauge("laibao_active_relays", "Answers being relayed from Dify on this process",
                             registry=self.registry)

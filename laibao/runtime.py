@@ -7,8 +7,6 @@ import contextlib
 import logging
 from dataclasses import dataclass
 
-from tornado.httpclient import AsyncHTTPClient
-
 from laibao.answer.budget import ByteBudget
 from laibao.answer.difyapp import DifyApp
 from laibao.answer.job import Answers, WeComFiles
@@ -21,6 +19,7 @@ from laibao.crypto import WeComCrypto
 from laibao.dify import DifyClient
 from laibao.errors import StoreError
 from laibao.metrics import Metrics
+from laibao.outbound import Outbound
 from laibao.service import BotService
 from stores import Stores, open_stores
 from stores.media_store import MediaHold, MemoryMediaHold, RedisMediaHold
@@ -45,7 +44,7 @@ class BotRuntime:
 class Runtime:
     """Everything a handler may reach: configuration, stores, bots and their running relays."""
 
-    def __init__(self, config: Config, stores: Stores, http: AsyncHTTPClient) -> None:
+    def __init__(self, config: Config, stores: Stores, http: Outbound) -> None:
         self.config = config
         self.stores = stores
         self.http = http
@@ -76,6 +75,8 @@ class Runtime:
             self.auth = AuthService(config, open_user_store(config), open_token_cache(config), http)
             self.metrics.add_counters("laibao_auth_resolutions", "User resolutions by cache level and outcome",
                                       "level", self.auth.stats)
+            self.metrics.add_counters("laibao_auth_admissions", "Callback-path admissions by how they were decided",
+                                      "outcome", self.auth.admissions)
         self.bots: dict[str, BotRuntime] = {}
         for bot in config.bots:
             dify = DifyClient(
@@ -85,6 +86,7 @@ class Runtime:
                 connect_timeout=config.dify_connect_timeout,
                 idle_timeout=config.dify_idle_timeout,
                 total_timeout=config.dify_total_timeout,
+                file_hosts=config.dify_file_hosts,
             )
             crypto = WeComCrypto(bot.token, bot.aes_key, bot.receive_id)
             app = DifyApp(bot, dify, self.auth if bot.auth != "open" else None)
@@ -100,12 +102,10 @@ class Runtime:
 
     @classmethod
     def build(cls, config: Config) -> Runtime:
-        """Open the stores and the shared HTTP client (must run inside the event loop)."""
-        # Each live answer holds one HTTP connection to Dify: the default of 10 would queue answers.
-        http = AsyncHTTPClient(force_instance=True, max_clients=config.http_max_clients)
+        """Open the stores and the shared HTTP clients (must run inside the event loop)."""
         stores = open_stores(config.redis_url or None, pool_size=config.redis_pool_size,
                              pool_timeout=config.redis_pool_timeout)
-        return cls(config, stores, http)
+        return cls(config, stores, Outbound.from_config(config))
 
     async def start(self) -> None:
         """Start background listeners (token invalidations from other processes)."""

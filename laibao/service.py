@@ -17,14 +17,13 @@ from cachetools import LRUCache
 
 from laibao import texts
 from laibao.answer.difyapp import DifyApp
-from laibao.answer.job import Answers
+from laibao.answer.job import COMMAND_FIELD, Answers
 from laibao.answer.render import new_id, render_answer
 from laibao.answer.tasks import AnswerTasks
-from laibao.auth import AuthUnavailable, NotAuthorized
 from laibao.commands import HELP, NEW, STOP, Inbound, help_text, read_message
 from laibao.config import BotConfig, Config
 from laibao.dify import DifyClient
-from laibao.errors import DifyError, LaibaoError, StoreError
+from laibao.errors import AuthError, DifyError, LaibaoError, StoreError
 from laibao.metrics import Metrics
 from laibao.wecom import Callback, stream_reply, text_reply
 from stores.base import DONE, Snapshot, Stores, StreamSession
@@ -59,6 +58,7 @@ class BotService:
         self.tasks = tasks
         self.metrics = metrics
         self.clock = clock
+        answers.resume_command = self._run_command  # a deferred command taken over from a dead process
         # The last content each stream showed, so a poll during a store outage never shows less.
         self._shown: LRUCache[str, str] = LRUCache(maxsize=SHOWN_CACHE_SIZE)
 
@@ -92,6 +92,8 @@ class BotService:
         """Record a new message, start its answer and return the first stream reply, without waiting on Dify."""
         sid = new_id()
         inbound = read_message(callback, self.bot)
+        if inbound.refusal:
+            return stream_reply(sid, inbound.refusal, finish=True)
         if not inbound.text and not inbound.media:
             return stream_reply(sid, texts.EMPTY, finish=True)
         winner = await self.dedupe.claim(self.bot.key, callback.msgid, sid, self.config.msgid_ttl)
@@ -113,16 +115,16 @@ class BotService:
     async def _accept_claimed(self, sid: str, callback: Callback, inbound: Inbound) -> dict[str, Any]:
         text, media_in, command = inbound.text, inbound.media, inbound.command
         scope = self.app.scope_of(callback.userid, callback.chatid)
+        # Known staff only, commands included. Decided from laibao's own stores within a short bound;
+        # the sign-in (the auth service) happens in the answer job, never on this path.
+        admitted = await self._admit(callback.userid)
+        if admitted is False:
+            return await self._closed(sid, callback, self.bot.denied_text)
         if command:
-            return await self._closed(sid, callback, await self.command(command, callback, scope))
-        if self.app.auth is not None:
-            # Known staff only: refuse before anything is sent to Dify.
-            try:
-                await self.app.auth.resolve(self.bot, callback.userid)
-            except NotAuthorized:
-                return await self._closed(sid, callback, self.bot.denied_text)
-            except AuthUnavailable:
-                return await self._closed(sid, callback, texts.SIGN_IN_FAILED)
+            if admitted is None:
+                return await self._defer_command(sid, callback, scope, command)
+            return await self._closed(sid, callback, await self.command(command, callback.userid, callback.chatid,
+                                                                         scope))
         if not text:
             # Media alone waits for the user's next text (WeCom's URLs stay valid for 5 minutes).
             hold = min(self.config.media_hold_seconds, 290.0)
@@ -162,15 +164,47 @@ class BotService:
         await self.streams.finish(sid, session.owner, DONE, text, {}, session.created)
         return stream_reply(sid, text, finish=True)
 
-    async def command(self, command: str, callback: Callback, scope: str) -> str:
-        """Carry out /new, /stop or /help; the short reply text."""
+    async def _admit(self, userid: str) -> bool | None:
+        """May the user use this bot: True, False, or None when not known yet (decided later)."""
+        if self.app.auth is None:
+            return True
+        return await self.app.auth.admit(self.bot, userid)
+
+    async def _defer_command(self, sid: str, callback: Callback, scope: str, command: str) -> dict[str, Any]:
+        """A command from a user not yet known to be allowed: reply now, decide and carry it out in the
+        background, and show the outcome on the next poll."""
+        session = self._session(sid, callback, scope, "", {COMMAND_FIELD: command})
+        await self.streams.create(session, self.config.msgid_ttl)
+        self.tasks.spawn(self._run_command(session), name=f"command-{sid}")
+        return stream_reply(sid, self.bot.placeholder, finish=False)
+
+    async def _run_command(self, session: StreamSession) -> None:
+        """Decide whether the user may give the deferred command, carry it out, finish its stream."""
+        try:
+            if self.app.auth is not None and not await self.app.auth.decide(self.bot, session.user):
+                text = self.bot.denied_text
+            else:
+                text = await self.command(session.extra[COMMAND_FIELD], session.user, session.chat, session.scope)
+        except AuthError:
+            text = texts.SIGN_IN_FAILED
+        except StoreError as exc:
+            log.warning("stream %s: a deferred command failed: %s", session.sid, exc)
+            text = texts.BUSY
+        try:
+            await self.streams.finish(session.sid, self.config.node, DONE, text, {}, self.clock())
+        except StoreError as exc:
+            # The session stays running: the first poll after the lease carries the command out again.
+            log.error("stream %s: could not record a command's outcome: %s", session.sid, exc)
+
+    async def command(self, command: str, userid: str, chatid: str, scope: str) -> str:
+        """Carry out /new, /stop or /help for an allowed user; the short reply text."""
         if command == HELP:
             return help_text(self.bot)
         if command == NEW:
             conversation_id = await self.conversations.get(self.bot.key, scope)
             await self.conversations.delete(self.bot.key, scope)
             if conversation_id:
-                user = self.app.dify_user(callback.userid, callback.chatid)
+                user = self.app.dify_user(userid, chatid)
                 self.tasks.spawn(self._forget(conversation_id, user), name=f"forget-{conversation_id}")
             return texts.NEW_CONVERSATION
         assert command == STOP
@@ -232,13 +266,21 @@ class BotService:
     async def on_event(self, callback: Callback) -> dict[str, Any] | None:
         """enter_chat gets a welcome; feedback goes to Dify in the background; other events get nothing."""
         if callback.event_type == "enter_chat":
+            if await self._admit(callback.userid) is False:
+                return text_reply(self.bot.denied_text)
             return text_reply(await self.welcome())
         if callback.event_type == "feedback_event":
             event = callback.raw.get("event")
             feedback = event.get("feedback_event") if isinstance(event, Mapping) else None
             if isinstance(feedback, Mapping):
-                self.tasks.spawn(self._feedback(feedback), name="feedback")
+                self.tasks.spawn(self._feedback(feedback, callback.userid, callback.chatid), name="feedback")
         return None
+
+    def _may_rate(self, session: StreamSession, userid: str, chatid: str) -> bool:
+        """The answer's user, or any member of its group when the group shares one conversation."""
+        if session.user == userid:
+            return True
+        return self.bot.group_scope == "chat" and bool(session.chat) and session.chat == chatid
 
     async def welcome(self) -> str:
         """The configured welcome, else Dify's opening statement and suggested questions, else a default."""
@@ -257,14 +299,25 @@ class BotService:
             lines.extend(f"- {q.strip()}" for q in questions)
         return "\n".join(lines)
 
-    async def _feedback(self, feedback: Mapping[str, Any]) -> None:
-        """Forward a rating to Dify for the answered message (feedback id = our stream id)."""
+    async def _feedback(self, feedback: Mapping[str, Any], userid: str, chatid: str) -> None:
+        """Forward a rating to Dify for the answered message (feedback id = our stream id).
+
+        Only an allowed user may rate, and only an answer of theirs: their own, or in a group with one
+        conversation per chat, any answer in that group.
+        """
         sid = feedback.get("id")
         kind = feedback.get("type")
         try:
             session = await self.streams.get(sid) if isinstance(sid, str) else None
-            if session is None or not session.message_id:
+            if session is None or session.bot != self.bot.key or not session.message_id:
                 log.info("feedback for an unknown or unfinished stream ignored")
+                return
+            if not self._may_rate(session, userid, chatid):
+                log.warning("bot %s: feedback from %s on stream %s of another user ignored",
+                            self.bot.key, userid, session.sid)
+                return
+            if self.app.auth is not None and not await self.app.auth.decide(self.bot, userid):
+                log.warning("bot %s: feedback from %s, who may not use the bot, ignored", self.bot.key, userid)
                 return
             rating = {1: "like", 2: "dislike"}.get(kind) if isinstance(kind, int) else None
             reasons = [REASONS[r] for r in feedback.get("inaccurate_reason_list") or [] if r in REASONS]

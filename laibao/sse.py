@@ -215,7 +215,7 @@ def parse_frame_data(payload: bytes) -> DifyEvent:
         raise DifyStreamError(f"malformed SSE frame: data is not UTF-8 ({len(payload)} bytes)") from exc
     try:
         obj = json.loads(text)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:  # deeply nested data makes json recurse until it gives up
         raise DifyStreamError(f"malformed SSE frame: data is not JSON: {_excerpt(text)}") from exc
     if not isinstance(obj, dict):
         raise DifyStreamError(f"malformed SSE frame: data is not a JSON object: {_excerpt(text)}")

@@ -10,6 +10,10 @@ from laibao.errors import CallbackError
 
 MAX_CONTENT_BYTES = 20480
 MAX_FEEDBACK_ID_BYTES = 256
+MAX_USERID_BYTES = 64  # WeCom's userids are 1-64 bytes (and the users table holds VARCHAR(64))
+MAX_ID_BYTES = 128  # msgid, aibotid, chatid, a stream id, an event type
+MAX_URL_BYTES = 4096  # media URLs and response_url (signed, so long, but bounded)
+CHAT_TYPES = ("single", "group")
 
 
 @dataclass(frozen=True)
@@ -34,8 +38,22 @@ class Callback:
         return self.chattype == "group"
 
 
-def _str_at(obj: Mapping[str, Any], *path: str) -> str:
-    """The string at ``obj[path[0]][path[1]]...``, or "" when absent; CallbackError when not a string."""
+def _text(value: Any, where: str, max_bytes: int | None = None) -> str:
+    """``value`` if it is a string that UTF-8 can carry (no lone surrogates) within ``max_bytes``."""
+    if not isinstance(value, str):
+        raise CallbackError(f"field {where} is not a string")
+    try:
+        size = len(value.encode("utf-8"))
+    except UnicodeEncodeError:
+        # JSON's \ud800 escapes decode to lone surrogates, which Redis, MySQL and Dify cannot take.
+        raise CallbackError(f"field {where} is not valid Unicode") from None
+    if max_bytes is not None and size > max_bytes:
+        raise CallbackError(f"field {where} is longer than {max_bytes} bytes")
+    return value
+
+
+def _str_at(obj: Mapping[str, Any], *path: str, max_bytes: int | None = None) -> str:
+    """The string at ``obj[path[0]][path[1]]...``, or "" when absent; CallbackError when not a usable string."""
     value: Any = obj
     for key in path:
         if not isinstance(value, Mapping):
@@ -43,33 +61,95 @@ def _str_at(obj: Mapping[str, Any], *path: str) -> str:
         value = value.get(key)
         if value is None:
             return ""
-    if not isinstance(value, str):
-        raise CallbackError(f"field {'.'.join(path)} is not a string")
+    return _text(value, ".".join(path), max_bytes)
+
+
+def _object(value: Any, where: str) -> Mapping[str, Any]:
+    """``value`` if it is a JSON object ({} when absent)."""
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise CallbackError(f"field {where} is not an object")
     return value
 
 
+def _check_items(body: Mapping[str, Any], where: str) -> None:
+    """A mixed message's ``msg_item``: a list of text and image items with string content and URLs."""
+    items = body.get("msg_item")
+    if items is None:
+        return
+    if not isinstance(items, list):
+        raise CallbackError(f"field {where}.msg_item is not a list")
+    for index, item in enumerate(items):
+        at = f"{where}.msg_item[{index}]"
+        item = _object(item, at)
+        kind = _str_at(item, "msgtype", max_bytes=MAX_ID_BYTES)
+        if kind == "text":
+            _str_at(_object(item.get("text"), at + ".text"), "content")
+        elif kind == "image":
+            _str_at(_object(item.get("image"), at + ".image"), "url", max_bytes=MAX_URL_BYTES)
+
+
+def _check_body(obj: Mapping[str, Any], msgtype: str, where: str) -> None:
+    """The types and lengths of one message body (``obj[msgtype]``) that laibao reads."""
+    body = _object(obj.get(msgtype), f"{where}{msgtype}")
+    if msgtype in ("text", "voice"):
+        _str_at(body, "content")
+    elif msgtype in ("image", "file", "video"):
+        _str_at(body, "url", max_bytes=MAX_URL_BYTES)
+    elif msgtype == "mixed":
+        _check_items(body, f"{where}mixed")
+
+
+def _check_feedback(obj: Mapping[str, Any]) -> None:
+    """A feedback_event: id and content strings, type and reasons integers."""
+    feedback = _object(_object(obj.get("event"), "event").get("feedback_event"), "event.feedback_event")
+    _str_at(feedback, "id", max_bytes=MAX_FEEDBACK_ID_BYTES)
+    _str_at(feedback, "content", max_bytes=MAX_CONTENT_BYTES)
+    kind = feedback.get("type")
+    if kind is not None and (not isinstance(kind, int) or isinstance(kind, bool)):
+        raise CallbackError("field event.feedback_event.type is not an integer")
+    reasons = feedback.get("inaccurate_reason_list")
+    if reasons is not None and (
+        not isinstance(reasons, list) or not all(isinstance(r, int) and not isinstance(r, bool) for r in reasons)
+    ):
+        raise CallbackError("field event.feedback_event.inaccurate_reason_list is not a list of integers")
+
+
 def parse_callback(obj: Mapping[str, Any]) -> Callback:
-    """Turn decrypted callback JSON into a Callback; CallbackError when it is not a usable message."""
-    msgtype = _str_at(obj, "msgtype")
+    """Turn decrypted callback JSON into a Callback; CallbackError when it is not a usable message.
+
+    Everything laibao later reads from ``raw`` is checked here, once: types, lengths, valid Unicode.
+    """
+    msgtype = _str_at(obj, "msgtype", max_bytes=MAX_ID_BYTES)
     if not msgtype:
         raise CallbackError("callback has no msgtype")
+    _check_body(obj, msgtype, "")
+    quote = _object(obj.get("quote"), "quote")
+    if quote:
+        _check_body(quote, _str_at(quote, "msgtype", max_bytes=MAX_ID_BYTES), "quote.")
     text = ""
     if msgtype == "text":
         text = _str_at(obj, "text", "content")
     elif msgtype == "voice":
         text = _str_at(obj, "voice", "content")
-    stream_id = _str_at(obj, "stream", "id") if msgtype == "stream" else ""
+    stream_id = _str_at(obj, "stream", "id", max_bytes=MAX_ID_BYTES) if msgtype == "stream" else ""
     if msgtype == "stream" and not stream_id:
         raise CallbackError("stream refresh without stream.id")
-    event_type = _str_at(obj, "event", "eventtype") if msgtype == "event" else ""
+    event_type = _str_at(obj, "event", "eventtype", max_bytes=MAX_ID_BYTES) if msgtype == "event" else ""
+    if event_type == "feedback_event":
+        _check_feedback(obj)
+    chattype = _str_at(obj, "chattype", max_bytes=MAX_ID_BYTES) or "single"
+    if chattype not in CHAT_TYPES:
+        raise CallbackError("field chattype is neither single nor group")
     callback = Callback(
         msgtype=msgtype,
-        msgid=_str_at(obj, "msgid"),
-        aibotid=_str_at(obj, "aibotid"),
-        chattype=_str_at(obj, "chattype") or "single",
-        chatid=_str_at(obj, "chatid"),
-        userid=_str_at(obj, "from", "userid"),
-        response_url=_str_at(obj, "response_url"),
+        msgid=_str_at(obj, "msgid", max_bytes=MAX_ID_BYTES),
+        aibotid=_str_at(obj, "aibotid", max_bytes=MAX_ID_BYTES),
+        chattype=chattype,
+        chatid=_str_at(obj, "chatid", max_bytes=MAX_ID_BYTES),
+        userid=_str_at(obj, "from", "userid", max_bytes=MAX_USERID_BYTES),
+        response_url=_str_at(obj, "response_url", max_bytes=MAX_URL_BYTES),
         text=text,
         stream_id=stream_id,
         event_type=event_type,

@@ -64,6 +64,9 @@ class Answer:
     ttl_field: str = "expires_in"
     ttl: Any = 3600  # None leaves the lifetime out
     delay: float = 0.0  # seconds before answering
+    hold: asyncio.Event | None = None  # answer only once this is set (or the stub stops)
+    token: str | None = None  # hand out exactly this token (still recorded in ``issued``)
+    redirect: str | None = None  # a path on the stub: other paths answer 307 to it, it answers as usual
     garbage: bool = False  # an HTML error page with status 200 instead of JSON
     omit_token: bool = False
     extra: dict[str, Any] = field(default_factory=dict)  # more fields in the answer
@@ -151,6 +154,14 @@ class _SignInHandler(tornado.web.RequestHandler):
         stub._active += 1
         try:
             answer = stub.answer
+            if answer.hold is not None:
+                stopping = asyncio.ensure_future(stub._stopping.wait())
+                released = asyncio.ensure_future(answer.hold.wait())
+                await asyncio.wait({stopping, released}, return_when=asyncio.FIRST_COMPLETED)
+                stopping.cancel()
+                released.cancel()
+                if stub._stopping.is_set():
+                    return
             if answer.delay:
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(answer.delay):
@@ -169,6 +180,9 @@ class _SignInHandler(tornado.web.RequestHandler):
                 self.set_status(401)
                 self.finish({"error": "invalid code or secret"})
                 return
+        if answer.redirect is not None and self.request.path != answer.redirect:
+            self.redirect(f"http://127.0.0.1:{stub._port}{answer.redirect}", status=307)
+            return
         if answer.garbage:
             self.set_header("Content-Type", "text/html")
             self.finish("<html><body>502 Bad Gateway</body></html>")
@@ -179,7 +193,10 @@ class _SignInHandler(tornado.web.RequestHandler):
             return
         body: dict[str, Any] = dict(answer.extra)
         if not answer.omit_token:
-            nest(body, answer.token_field, stub.token())
+            token = stub.token() if answer.token is None else answer.token
+            if answer.token is not None:
+                stub.issued.append(token)
+            nest(body, answer.token_field, token)
         if answer.ttl is not None:
             nest(body, answer.ttl_field, answer.ttl)
         self.set_header("Content-Type", "application/json")

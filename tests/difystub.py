@@ -34,7 +34,7 @@ import json
 import socket
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Any
@@ -178,6 +178,7 @@ class DifyStub:
         self.user_tokens: set[str] = set()  # bearer tokens accepted besides the app key
         self.mode = "chat"  # the app type /info reports; endpoints of other types answer 400
         self.default = Script()
+        self.answer_for: Callable[[str], Script] | None = None  # a script per query, once the queue is empty
         self.requests: list[RecordedRequest] = []
         self.stops: list[str] = []
         self.disconnects = 0
@@ -287,8 +288,10 @@ class DifyStub:
         """Forget every conversation, as if they were deleted: their ids now answer 404."""
         self._conversations.clear()
 
-    def _next_script(self) -> Script:
-        return self._scripts.popleft() if self._scripts else self.default
+    def _next_script(self, query: str = "") -> Script:
+        if self._scripts:
+            return self._scripts.popleft()
+        return self.answer_for(query) if self.answer_for is not None else self.default
 
 
 def default_parameters() -> dict[str, Any]:
@@ -558,7 +561,7 @@ class _StreamHandler(_StubHandler):
             if file.get("transfer_method") == "local_file" and file.get("upload_file_id") not in known:
                 self.fail(400, "invalid_param", "Invalid upload file id.")
                 return
-        script = self.stub._next_script()
+        script = self.stub._next_script(str(body.get("query") or ""))
         writer = _CutWriter(self, script)
         try:
             if script.http_status >= 400:

@@ -21,9 +21,10 @@ import tornado.httpserver
 from tornado.httpclient import AsyncHTTPClient, HTTPResponse
 from tornado.ioloop import IOLoop
 
-from laibao.app import make_app
+from laibao.app import make_server
 from laibao.config import Config, load_config
 from laibao.crypto import WeComCrypto, generate_aes_key, generate_token
+from laibao.outbound import origin_entry
 from laibao.runtime import Runtime
 from tests.difystub import DifyStub
 from tests.servers import free_port
@@ -117,8 +118,8 @@ async def follow(wecoms: list[WeCom], stream_id: str, limit: int = 400, pause: f
 class LaibaoProcess:
     """A real `laibao serve` process on a free port, logging to a file."""
 
-    def __init__(self, workdir: Path, name: str, env: Mapping[str, str]) -> None:
-        self.port = free_port()
+    def __init__(self, workdir: Path, name: str, env: Mapping[str, str], port: int | None = None) -> None:
+        self.port = port or free_port()
         self.name = name
         self.log_path = workdir / f"{name}.log"
         full_env = {k: v for k, v in os.environ.items() if not k.startswith("LAIBAO_")}
@@ -200,6 +201,7 @@ def running_cluster(io_loop: IOLoop, redis_url: str, workdir: Path, **env: str) 
     dify = DifyStub()
     io_loop.run_sync(dify.start)
     settings = {"LAIBAO_REDIS_URL": redis_url, "LAIBAO_DIFY_URL": dify.base_url, "LAIBAO_DIFY_KEY": "app-test-key",
+                "LAIBAO_WECOM_MEDIA_HOSTS": origin_entry(dify.base_url), "LAIBAO_RESPONSE_URL_HOSTS": "127.0.0.1",
                 **env}
     http = AsyncHTTPClient(force_instance=True)
     cluster = Cluster(dify, LaibaoProcess(workdir, "node-a", settings), LaibaoProcess(workdir, "node-b", settings),
@@ -244,6 +246,10 @@ def service_config(dify_url: str, redis_url: str, **overrides: object) -> Config
         "LAIBAO_NODE_ID": "test-node",
         "LAIBAO_DIFY_IDLE_TIMEOUT": "1.5",
         "LAIBAO_DIFY_CONNECT_TIMEOUT": "2",
+        # The stand-ins play WeCom's hosts: media come from the Dify stand-in, response_url stand-ins
+        # listen on 127.0.0.1 ports of their own.
+        "LAIBAO_WECOM_MEDIA_HOSTS": origin_entry(dify_url),
+        "LAIBAO_RESPONSE_URL_HOSTS": "127.0.0.1",
     }
     env.update({f"LAIBAO_{k.upper()}": str(v) for k, v in overrides.items()})
     return load_config(environ=env, dotenv=None)
@@ -265,7 +271,7 @@ def running_service(
         config = configure(dify.base_url) if configure else service_config(dify.base_url, redis_url, **overrides)
         runtime = Runtime.build(config)
         await runtime.start()
-        server = tornado.httpserver.HTTPServer(make_app(runtime), max_body_size=8 << 20)
+        server = make_server(runtime)
         server.listen(port, address="127.0.0.1")
         http = AsyncHTTPClient(force_instance=True)
         return Service(dify, runtime, WeCom(http, f"http://127.0.0.1:{port}"), redis_url), server

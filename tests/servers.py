@@ -46,12 +46,17 @@ class RedisServer:
         self.dir = Path(tempfile.mkdtemp(prefix="laibao-redis-"))
         self.port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
+        self._keep_data = False  # set by stop(save=True): the next start finds the data
 
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
+        # A dump left by an earlier test's saved restart must not come back in a later test's restart.
+        if not self._keep_data:
+            (self.dir / "dump.rdb").unlink(missing_ok=True)
+        self._keep_data = False
         self.proc = subprocess.Popen(
             [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir),
              "--save", "", "--appendonly", "no", "--protected-mode", "no", "--daemonize", "no",
@@ -67,6 +72,7 @@ class RedisServer:
                 sock.sendall(b"*2\r\n$8\r\nSHUTDOWN\r\n$4\r\nSAVE\r\n")
                 sock.recv(64)  # the server closes the connection once the data is saved
             self.proc.wait(timeout=10)
+            self._keep_data = True
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
             self.proc.wait(timeout=10)

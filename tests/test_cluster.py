@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from tornado.ioloop import IOLoop
 
+from laibao import texts
 from tests.difystub import Script
 from tests.harness import (
     AES_KEY,
@@ -49,12 +50,11 @@ async def test_polls_alternating_between_processes_show_a_growing_answer(cluster
     sid = str(first["id"])
     # Poll both processes while Dify is mid-answer: the content is partial and never shrinks.
     seen: list[dict[str, object]] = []
-    while len(seen) < 2000:
+    while not str(seen[-1]["content"] if seen else "").endswith("。第二段 ends here."):
+        assert len(seen) < 2000, f"the whole answer never showed while Dify held message_end: {seen[-1]}"
         stream = await (to_a, to_b)[len(seen) % 2].stream(refresh(sid))
         seen.append(stream)
         assert stream["finish"] is False  # message_end is held back
-        if str(stream["content"]).endswith("。第二段 ends here."):
-            break
         await asyncio.sleep(0.01)
     hold.set()
     seen.extend(await follow([to_b, to_a], sid))
@@ -129,3 +129,22 @@ async def test_one_conversation_is_answered_in_order_across_processes(cluster: C
     calls = [c.json for c in cluster.dify.chat_calls]
     assert [c["query"] for c in calls] == ["先问的", "后问的"]
     assert calls[1]["conversation_id"] != ""  # it waited for the first answer's conversation
+
+
+@pytest.mark.slow
+@pytest.mark.gen_test(timeout=60)
+async def test_stop_on_another_process_ends_the_answer(cluster: Cluster) -> None:
+    never = asyncio.Event()
+    cluster.dify.push(Script(answer="A 上生成的部分", deltas=["A 上生成的", "部分"], hold=never, ping_every=0.2))
+    to_a, to_b = cluster.wecom(cluster.a), cluster.wecom(cluster.b)
+    sid = str((await to_a.stream(message("写一篇长文", user="sunba")))["id"])
+
+    async def partial_shown() -> bool:
+        return "部分" in str((await to_b.stream(refresh(sid, user="sunba")))["content"])
+
+    await eventually(partial_shown, "the partial answer is shown")
+    stopped = await to_b.stream(message("/stop", user="sunba"))  # WeCom's next callback lands on B
+    assert (stopped["content"], stopped["finish"]) == (texts.STOPPED, True)
+    polls = await follow([to_b, to_a], sid)
+    assert polls[-1]["content"] == "A 上生成的部分\n\n" + texts.STOPPED_NOTE
+    assert len(cluster.dify.stops) == 1  # A, which runs the relay, called Dify's stop API

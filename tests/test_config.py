@@ -148,3 +148,14 @@ def test_auth_modes_need_their_backends() -> None:
     config = load_config(environ=dict(ENV, LAIBAO_AUTH_MODE="allowlist", LAIBAO_MYSQL_URL="mysql://u:p@h/db"),
                          dotenv=None)
     assert config.bots[0].auth == "allowlist"
+
+
+def test_token_cache_settings_are_read(tmp_path: Path) -> None:
+    defaults = load_config(environ=ENV, dotenv=None)
+    assert (defaults.token_cache_ttl, defaults.token_cache_size) == (30.0, 10000)  # the README's
+    config = load_config(environ={**ENV, "LAIBAO_TOKEN_CACHE_TTL": "45", "LAIBAO_TOKEN_CACHE_SIZE": "500"}, dotenv=None)
+    assert (config.token_cache_ttl, config.token_cache_size) == (45.0, 500)
+    toml = tmp_path / "laibao.toml"
+    toml.write_text("token_cache_ttl = 5\n")
+    assert load_config(config_file=str(toml), environ=ENV, dotenv=None).token_cache_ttl == 5.0
+    assert any("LAIBAO_TOKEN_CACHE_TTL" in p for p in problems_of(environ={**ENV, "LAIBAO_TOKEN_CACHE_TTL": "soon"}))

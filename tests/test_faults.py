@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import signal
 import time
 from collections.abc import Iterator
@@ -13,7 +14,17 @@ from tornado.httpclient import AsyncHTTPClient
 from tornado.ioloop import IOLoop
 
 from tests.difystub import DifyStub, Script
-from tests.harness import Cluster, LaibaoProcess, WeCom, assert_no_secrets, follow, message, refresh, running_cluster
+from tests.harness import (
+    Cluster,
+    LaibaoProcess,
+    WeCom,
+    assert_no_secrets,
+    eventually,
+    follow,
+    message,
+    refresh,
+    running_cluster,
+)
 from tests.servers import RedisServer
 
 PARTIAL = ["第一段：进程", "死掉之前", "已经显示的内容。"]
@@ -24,6 +35,13 @@ FULL = "第一段：进程死掉之前已经显示的内容。第二段：接手
 def short_lease(io_loop: IOLoop, redis_url: str, tmp_path: Path) -> Iterator[Cluster]:
     """Two processes with a 1.5 s lease, so a dead owner is noticed quickly."""
     with running_cluster(io_loop, redis_url, tmp_path, LAIBAO_LEASE="1.5") as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def long_grace(io_loop: IOLoop, redis_url: str, tmp_path: Path) -> Iterator[Cluster]:
+    """Two processes whose drain (60 s) outlasts the test: a draining process stays draining."""
+    with running_cluster(io_loop, redis_url, tmp_path, LAIBAO_LEASE="120", LAIBAO_SHUTDOWN_GRACE="60") as cluster:
         yield cluster
 
 
@@ -104,13 +122,15 @@ async def test_sigterm_drains_and_hands_over_without_waiting_for_the_lease(long_
     assert [p["finish"] for p in polls].count(True) == 1
     assert cluster.a.proc.wait(timeout=20) == 0
     log = cluster.a.log()
-    assert "released to other processes" in log and "stopped" in log
+    assert "stopped accepting; 1 unfinished relays released to other processes" in log
+    assert re.search(r": stopped$", log, re.MULTILINE), log  # it closed down, not just stopped accepting
     assert_no_secrets(log, "优雅退出")
 
 
+@pytest.mark.slow
 @pytest.mark.gen_test(timeout=60)
-async def test_a_message_on_a_draining_process_is_answered_by_another(long_lease: Cluster) -> None:
-    cluster = long_lease
+async def test_a_message_on_a_draining_process_is_answered_by_another(long_grace: Cluster) -> None:
+    cluster = long_grace
     never = asyncio.Event()
     cluster.dify.push(Script(answer="占住", hold=never, ping_every=0.2))  # keeps A draining for its grace
     to_a, to_b = cluster.wecom(cluster.a), cluster.wecom(cluster.b)
@@ -118,9 +138,13 @@ async def test_a_message_on_a_draining_process_is_answered_by_another(long_lease
     cluster.a.signal(signal.SIGTERM)
     await draining(cluster, cluster.a)
     cluster.dify.push(Script(answer="B 回答了排空期间的新消息"))
-    late = await to_a.stream(message("排空时到达的消息"))
+    # another user's message (not queued behind the held one) reaches A while A drains
+    late = await to_a.stream(message("排空时到达的消息", user="lisi"))
     polls = await follow([to_b], str(late["id"]), limit=2000, pause=0.05)
     assert polls[-1]["content"] == "B 回答了排空期间的新消息"
+    assert b"process: draining" in await draining(cluster, cluster.a)  # A is still draining
+    sid = str(late["id"])
+    assert f"took over stream {sid} from (released)" in cluster.b.log()  # B took it, at once, not after the lease
 
 
 @pytest.mark.slow
@@ -136,7 +160,10 @@ async def test_redis_restart_mid_answer(redis_server: RedisServer, redis_url: st
         wecom = WeCom(http, proc.base_url)
         hold = asyncio.Event()
         ending = "——Redis 重启之后的结尾。"
-        dify.push(Script(answer="".join(PARTIAL) + ending, deltas=[*PARTIAL, ending], hold=hold, ping_every=0.2))
+        # Dify goes silent after the partial answer; the ending comes while Redis is down, and its
+        # message_end only once the test saw the relay keep that text
+        dify.push(Script(answer="".join(PARTIAL) + ending, deltas=[*PARTIAL, ending], stall_after=len(PARTIAL),
+                         hold=hold, ping_every=0.2))
         first = await wecom.stream(message("Redis 重启"))
         sid = str(first["id"])
         await wait_for_content(wecom, sid, PARTIAL[-1])
@@ -150,8 +177,13 @@ async def test_redis_restart_mid_answer(redis_server: RedisServer, redis_url: st
             assert time.monotonic() - started < 10  # fast answers, not hangs
             ready = await http.fetch(proc.base_url + "/readyz", raise_error=False)
             assert ready.code == 503 and ready.body.startswith(b"redis: ")
-            hold.set()  # Dify finishes while Redis is down: the relay keeps the end and retries
-            await asyncio.sleep(1.0)
+            dify.release()  # the ending arrives: its write fails, the relay keeps the text
+            kept = "streams failed, text kept for retry"  # the warning the README tells operators to expect
+            await eventually(lambda: kept in proc.log(), "the relay keeps the text")
+            metrics = (await http.fetch(proc.base_url + "/metrics")).body.decode()
+            errors = [line for line in metrics.splitlines() if line.startswith("laibao_store_errors_total ")]
+            assert errors and float(errors[0].split()[1]) >= 1, errors
+            hold.set()  # Dify finishes while Redis is down: the final write retries
         finally:
             redis_server.start()
         polls = await follow([wecom], sid, limit=2000, pause=0.1)

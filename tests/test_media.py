@@ -16,7 +16,6 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from tornado.httpclient import AsyncHTTPClient
 
 from laibao.crypto import WeComCrypto
 from laibao.dify import DifyClient
@@ -53,6 +52,7 @@ from laibao.media import (
     split_for_wecom,
     think_blocks,
 )
+from laibao.outbound import Outbound
 from tests.difystub import DETAILS_OPEN, DifyStub, default_parameters
 
 KEY = "app-test-key"
@@ -175,40 +175,40 @@ MEDIA = bytes(random.Random(7).randrange(256) for _ in range(100_000))
 
 
 @pytest.mark.gen_test
-async def test_download_wecom_media_decrypts(stub: DifyStub, http: AsyncHTTPClient) -> None:
+async def test_download_wecom_media_decrypts(stub: DifyStub, outbound: Outbound) -> None:
     encrypted = CRYPTO.encrypt_media(MEDIA)
     assert encrypted != MEDIA and len(encrypted) % 32 == 0
     url = stub.serve("wecom/media-1", encrypted) + "?sign=x"
-    assert await download_wecom_media(http, url, CRYPTO, len(MEDIA), 5) == MEDIA
-    assert await download_wecom_media(http, url, CRYPTO, 10 * 1024 * 1024, 5) == MEDIA
+    assert await download_wecom_media(outbound, url, CRYPTO, len(MEDIA), 5) == MEDIA
+    assert await download_wecom_media(outbound, url, CRYPTO, 10 * 1024 * 1024, 5) == MEDIA
 
 
 @pytest.mark.parametrize("chunked", [True, False], ids=["streamed", "content-length"])
 @pytest.mark.gen_test
-async def test_download_wecom_media_size_limit(stub: DifyStub, http: AsyncHTTPClient, chunked: bool) -> None:
+async def test_download_wecom_media_size_limit(stub: DifyStub, outbound: Outbound, chunked: bool) -> None:
     stub.static_chunked = chunked
     url = stub.serve("wecom/big", CRYPTO.encrypt_media(MEDIA))
     with pytest.raises(MediaTooLarge) as info:
-        await download_wecom_media(http, url, CRYPTO, len(MEDIA) - 1, 5)
+        await download_wecom_media(outbound, url, CRYPTO, len(MEDIA) - 1, 5)
     assert info.value.limit == len(MEDIA) - 1
     with pytest.raises(MediaTooLarge):
-        await download_wecom_media(http, url, CRYPTO, 20_000, 5)
+        await download_wecom_media(outbound, url, CRYPTO, 20_000, 5)
     if chunked:
         assert stub.static_aborts >= 1  # cut off while streaming, not read to the end
 
 
 @pytest.mark.gen_test
-async def test_download_wecom_media_failures(stub: DifyStub, http: AsyncHTTPClient) -> None:
+async def test_download_wecom_media_failures(stub: DifyStub, outbound: Outbound) -> None:
     with pytest.raises(MediaUnavailable) as info:
-        await download_wecom_media(http, stub.origin + "/files/expired?auth=secret-code", CRYPTO, 1000, 5)
+        await download_wecom_media(outbound, stub.origin + "/files/expired?auth=secret-code", CRYPTO, 1000, 5)
     assert info.value.status == 404
     assert "secret-code" not in str(info.value) and "expired" not in str(info.value)
     url = stub.serve("wecom/other-key", OTHER_CRYPTO.encrypt_media(b"encrypted for another bot" * 10))
     with pytest.raises(MediaUnavailable, match="could not be decrypted"):
-        await download_wecom_media(http, url, CRYPTO, 1000, 5)
+        await download_wecom_media(outbound, url, CRYPTO, 1000, 5)
     url = stub.serve("wecom/plain", b"not encrypted at all")
     with pytest.raises(MediaUnavailable, match="could not be decrypted"):
-        await download_wecom_media(http, url, CRYPTO, 1000, 5)
+        await download_wecom_media(outbound, url, CRYPTO, 1000, 5)
 
 
 @contextlib.asynccontextmanager
@@ -232,10 +232,10 @@ async def stalling_server() -> AsyncIterator[str]:
 
 
 @pytest.mark.gen_test
-async def test_download_wecom_media_timeout(http: AsyncHTTPClient) -> None:
+async def test_download_wecom_media_timeout(outbound: Outbound) -> None:
     async with stalling_server() as url:
         with pytest.raises(MediaUnavailable, match=r"timed out after 0\.3 s"):
-            await download_wecom_media(http, url, CRYPTO, 10_000, 0.3)
+            await download_wecom_media(outbound, url, CRYPTO, 10_000, 0.3)
 
 
 # ---------------------------------------------------------------------------------------- images
@@ -246,14 +246,14 @@ def item_for(data: bytes) -> dict[str, Any]:
 
 
 @pytest.mark.gen_test
-async def test_image_item_through_dify_and_plain_http(stub: DifyStub, http: AsyncHTTPClient) -> None:
-    dify = DifyClient(stub.base_url, KEY, http=http)
+async def test_image_item_through_dify_and_plain_http(stub: DifyStub, outbound: Outbound) -> None:
+    dify = DifyClient(stub.base_url, KEY, http=outbound)
     stub.serve("tools/a.png", PNG_BYTES, "image/png")
     stub.serve("tools/b.jpg", JPEG_BYTES, "application/octet-stream")  # the bytes decide, not the header
     stub.serve("tools/c.gif", b"GIF89a\x01\x00\x01\x00", "image/gif")
     stub.serve("tools/big.png", PNG_BYTES + b"\0" * 5000, "image/png")
     assert await image_item(dify.fetch, "/files/tools/a.png?sign=1") == item_for(PNG_BYTES)
-    assert await image_item(http, stub.origin + "/files/tools/b.jpg") == item_for(JPEG_BYTES)
+    assert await image_item(dify.fetch, stub.origin + "/files/tools/b.jpg") == item_for(JPEG_BYTES)
     assert await image_item(dify.fetch, "/files/tools/c.gif") is None  # WeCom takes only JPG and PNG
     assert await image_item(dify.fetch, "/files/tools/big.png", max_bytes=4096) is None
     assert await image_item(dify.fetch, "/files/tools/gone.png") is None

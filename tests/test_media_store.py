@@ -14,22 +14,14 @@ from redis.backoff import NoBackoff
 
 from laibao.errors import StoreError
 from stores.media_store import MediaHold, MemoryMediaHold, RedisMediaHold
+from tests.clock import FakeClock
+from tests.harness import eventually
 from tests.servers import free_port
 
 TTL = 300.0
 IMAGE = {"kind": "image", "upload_file_id": "72fa9618-8f69-4a37-9b33-7e1178a24a67", "name": "图片.png"}
 FILE = {"kind": "document", "upload_file_id": "0d4e5c1a-0000-4000-8000-000000000001", "name": "报告.pdf",
         "size": 12345, "nested": {"ok": True, "list": [1, "二"]}}
-
-
-class FakeClock:
-    """Wall time the memory implementation reads; tests move it instead of sleeping."""
-
-    def __init__(self) -> None:
-        self.now = 1_732_500_000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture
@@ -104,7 +96,9 @@ async def test_bad_items_and_ttls_are_refused(hold: MediaHold) -> None:
 
 
 @pytest.mark.gen_test
-async def test_held_media_expire_and_each_add_rearms(hold: MediaHold, clock: FakeClock) -> None:
+async def test_held_media_expire_and_each_add_rearms(
+    hold: MediaHold, clock: FakeClock, request: pytest.FixtureRequest
+) -> None:
     if isinstance(hold, MemoryMediaHold):
         await hold.add("hr", "u", IMAGE, 10)
         clock.now += 8
@@ -115,14 +109,25 @@ async def test_held_media_expire_and_each_add_rearms(hold: MediaHold, clock: Fak
         clock.now += 10.5
         assert await hold.take("hr", "u") == []
     else:
-        await hold.add("hr", "u", IMAGE, 0.3)
-        await asyncio.sleep(0.2)
-        await hold.add("hr", "u", FILE, 0.3)
-        await asyncio.sleep(0.2)
-        assert await hold.take("hr", "u") == [IMAGE, FILE]
-        await hold.add("hr", "u", IMAGE, 0.1)
-        await asyncio.sleep(0.25)
-        assert await hold.take("hr", "u") == []
+        # Redis keeps its own time: read the TTL it holds instead of sleeping through it
+        client = aioredis.Redis.from_url(request.getfixturevalue("redis_url"), decode_responses=True)
+        key = "laibao:media:hr:u"
+        try:
+            await hold.add("hr", "u", IMAGE, 10)
+            await client.pexpire(key, 2000)  # as if 8 of its 10 s had passed
+            await hold.add("hr", "u", FILE, 10)
+            assert 9000 < await client.pttl(key) <= 10_000  # the whole list lives 10 s from now
+            assert await hold.take("hr", "u") == [IMAGE, FILE]
+            await hold.add("hr", "u", IMAGE, 1)
+            assert 0 < await client.pttl(key) <= 1000
+
+            async def expired() -> bool:
+                return not await client.exists(key)
+
+            await eventually(expired, "the held media expire")
+            assert await hold.take("hr", "u") == []
+        finally:
+            await client.aclose()
 
 
 # ------------------------------------------------------------------------------------ Redis only

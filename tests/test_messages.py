@@ -202,13 +202,23 @@ async def test_messages_of_one_conversation_reach_dify_one_at_a_time_in_order(sv
 async def test_at_most_three_messages_of_a_user_in_flight(svc: Service) -> None:
     hold = asyncio.Event()
     svc.dify.default = Script(hold=hold, ping_every=0.2)
-    for i in range(3):
-        assert (await svc.wecom.stream(message(f"问题{i}")))["finish"] is False
+    first = [await svc.wecom.stream(message(f"问题{i}")) for i in range(3)]
+    assert [stream["finish"] for stream in first] == [False] * 3
     fourth = await svc.wecom.stream(message("第四个"))
     assert (fourth["content"], fourth["finish"]) == (texts.TOO_MANY, True)
+    polled = await svc.wecom.stream(refresh(str(fourth["id"])))  # WeCom's poll of it, should one come
+    assert (polled["content"], polled["finish"]) == (texts.TOO_MANY, True)
     other = await svc.wecom.stream(message("别人的问题", user="lisi"))
     assert other["finish"] is False
     hold.set()
+    for stream in [*first, other]:
+        await follow([svc.wecom], str(stream["id"]))
+    assert "第四个" not in [c.json["query"] for c in svc.dify.chat_calls]  # the refused one never reached Dify
+    # the answers are done: the user's slots are free again
+    svc.dify.default = Script()
+    again = await answer(svc, message("第五个"))
+    assert again[-1]["content"] == Script().answer
+    assert [c.json["query"] for c in svc.dify.chat_calls].count("第五个") == 1
 
 
 # ----------------------------------------------------------------------------------------- outbound
@@ -257,15 +267,18 @@ async def test_reasoning_can_be_hidden(svc: Service) -> None:
 
 @pytest.mark.gen_test(timeout=30)
 async def test_generated_images_arrive_as_msg_item_on_the_finishing_reply(svc: Service) -> None:
-    url = svc.dify.serve("chart.png", PNG, "image/png")
-    linked = svc.dify.serve("linked.png", PNG[::-1][:0] + PNG + b"x", "image/png")
+    chart, linked_png = PNG, PNG + b"another picture"
+    url = svc.dify.serve("chart.png", chart, "image/png")
+    linked = svc.dify.serve("linked.png", linked_png, "image/png")
     svc.dify.push(Script(answer=f"这是图表 ![图]({linked})", files=[url]))
     polls = await answer(svc, message("画个图"))
     assert all("msg_item" not in p for p in polls[:-1])
     items = polls[-1]["msg_item"]
     assert [i["msgtype"] for i in items] == ["image", "image"]
-    assert base64.b64decode(items[0]["image"]["base64"]) == PNG
-    assert items[0]["image"]["md5"] == hashlib.md5(PNG).hexdigest()
+    shown = [base64.b64decode(i["image"]["base64"]) for i in items]
+    assert sorted(shown) == sorted([chart, linked_png])  # the message_file image and the linked one
+    for item, data in zip(items, shown, strict=True):
+        assert item["image"]["md5"] == hashlib.md5(data).hexdigest()
 
 
 @pytest.mark.gen_test(timeout=60)

@@ -299,7 +299,7 @@ async def test_generated_images_go_with_the_first_finishing_reply_only(svc: Serv
     assert session is not None and "items" not in session.extra  # nor kept in the store
 
 
-@pytest.mark.settings(stream_window="360", window_margin="20", media_deadline="1")
+@pytest.mark.settings(stream_window="360", window_margin="20", media_deadline="1", wecom_media_hosts="127.0.0.1")
 @pytest.mark.gen_test(timeout=20)
 async def test_the_media_step_of_an_answer_has_a_deadline(svc: Service) -> None:
     # A WeCom media host that accepts the connection and never answers (the download's own timeout is 30 s).

@@ -19,17 +19,26 @@ import tornado.ioloop
 from laibao.errors import StoreError
 from stores.tokens import EVERY_USER, INVALIDATE_CHANNEL, MemoryTokenCache, RedisTokenCache, open_token_cache
 from tests.authstub import make_config
+from tests.clock import FakeClock
+from tests.harness import eventually
 from tests.servers import RedisServer
 
 AnyCache = MemoryTokenCache | RedisTokenCache
 INFO = {"userid": "zhangsan", "name": "张三", "code": "E1001"}
 
 
+@pytest.fixture
+def clock() -> FakeClock:
+    """The memory cache's clock (Redis keeps its own time)."""
+    return FakeClock()
+
+
 @pytest.fixture(params=["memory", "redis"])
 def cache(request: pytest.FixtureRequest, io_loop: tornado.ioloop.IOLoop) -> Iterator[AnyCache]:
     """Each implementation in turn; Redis on a flushed real server."""
     built: AnyCache = (
-        MemoryTokenCache() if request.param == "memory" else RedisTokenCache(request.getfixturevalue("redis_url"))
+        MemoryTokenCache(clock=request.getfixturevalue("clock")) if request.param == "memory"
+        else RedisTokenCache(request.getfixturevalue("redis_url"))
     )
     yield built
     io_loop.run_sync(built.close)
@@ -69,11 +78,23 @@ async def test_a_new_token_replaces_the_users_current_one(cache: AnyCache) -> No
 
 
 @pytest.mark.gen_test
-async def test_tokens_expire_with_their_lifetime(cache: AnyCache) -> None:
-    await cache.put("zhangsan", "tok-1", INFO, 0.2)
+async def test_tokens_expire_with_their_lifetime(cache: AnyCache, clock: FakeClock) -> None:
+    if isinstance(cache, MemoryTokenCache):
+        await cache.put("zhangsan", "tok-1", INFO, 10)
+        clock.advance(9.9)
+        assert await cache.get("zhangsan") is not None
+        clock.advance(0.2)
+        assert await cache.get("zhangsan") is None
+        return
+    await cache.put("zhangsan", "tok-1", INFO, 1)
     assert await cache.get("zhangsan") is not None
-    await asyncio.sleep(0.35)
-    assert await cache.get("zhangsan") is None
+    for key in ("authorization:wechatid:zhangsan", "authorization:token:tok-1"):
+        assert 0 < await cache.client.pttl(key) <= 1000
+
+    async def expired() -> bool:
+        return await cache.get("zhangsan") is None
+
+    await eventually(expired, "the token expires in Redis")
 
 
 @pytest.mark.gen_test
@@ -115,10 +136,20 @@ async def test_lock_has_one_holder_until_released(cache: AnyCache) -> None:
 
 
 @pytest.mark.gen_test
-async def test_lock_expires(cache: AnyCache) -> None:
-    first = await cache.acquire_lock("zhangsan", 0.2)
+async def test_lock_expires(cache: AnyCache, clock: FakeClock) -> None:
+    first = await cache.acquire_lock("zhangsan", 1 if isinstance(cache, RedisTokenCache) else 5)
     assert first
-    await asyncio.sleep(0.35)
+    if isinstance(cache, MemoryTokenCache):
+        clock.advance(4.9)
+        assert await cache.acquire_lock("zhangsan", 10) is None  # still held
+        clock.advance(0.2)
+    else:
+        assert 0 < await cache.client.pttl("laibao:auth:lock:zhangsan") <= 1000
+
+        async def free() -> bool:
+            return not await cache.client.exists("laibao:auth:lock:zhangsan")
+
+        await eventually(free, "the lock expires in Redis")
     second = await cache.acquire_lock("zhangsan", 10)
     assert second
     await cache.release_lock("zhangsan", first)  # the expired holder must not free the new one
@@ -212,13 +243,15 @@ async def test_invalidation_reaches_another_instance(redis_url: str, raw: aiored
 
 
 @pytest.mark.gen_test(timeout=40)
-async def test_listener_resubscribes_after_a_redis_restart(redis_url: str, redis_server: RedisServer) -> None:
+async def test_listener_resubscribes_after_a_redis_restart(
+    redis_url: str, redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
     listener = RedisTokenCache(redis_url, reconnect_delays=(0.05, 0.2))
     heard: list[str] = []
     try:
         await listener.listen_invalidations(heard.append)
         redis_server.stop()
-        await asyncio.sleep(0.3)  # the listener notices and starts retrying
+        await wait_for(lambda: "invalidation listener lost Redis" in caplog.text, within=15)
         redis_server.start()
         # everything published while it was away is lost: it tells its owner to drop every local token
         await wait_for(lambda: EVERY_USER in heard, within=15)

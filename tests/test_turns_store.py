@@ -14,11 +14,14 @@ from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 
 import pytest
+import redis.asyncio as aioredis
 import tornado.ioloop
 
 from laibao.errors import StoreError
 from stores import DONE, ERROR, MemoryStores, RedisStores, StreamSession, StreamStore
 from stores.turns_store import HEAD, NOT_QUEUED, WAITING, MemoryTurns, RedisTurns, Turns, session_status
+from tests.clock import FakeClock
+from tests.harness import eventually
 from tests.servers import RedisServer
 
 T0 = 1_732_500_000.25  # a fixed "now" for admissions (callers pass their own clock)
@@ -34,6 +37,19 @@ class Cluster:
     a: Turns
     b: Turns
     streams: StreamStore
+    clock: FakeClock | None = None  # the memory variant's clock
+    redis: aioredis.Redis | None = None  # the Redis variant's server
+
+    async def let_pass(self, seconds: float, *keys: str) -> None:
+        """``seconds`` go by for ``keys``: the memory clock moves, or Redis's TTL of each key shrinks."""
+        if self.clock is not None:
+            self.clock.advance(seconds)
+            return
+        assert self.redis is not None
+        for key in keys:
+            left = await self.redis.pttl(key)
+            if left > 0:  # PEXPIRE with what is left: at or below zero, Redis drops the key as it would
+                await self.redis.pexpire(key, left - round(seconds * 1000))
 
     async def start(self, *sids: str) -> None:
         """Create a running session for each sid, as the callback does before queueing it."""
@@ -49,14 +65,15 @@ class Cluster:
 def cluster(request: pytest.FixtureRequest, io_loop: tornado.ioloop.IOLoop) -> Iterator[Cluster]:
     """Each implementation in turn; Redis on a flushed real server, reached by two clients."""
     if request.param == "memory":
-        stores = MemoryStores()
-        turns = MemoryTurns(session_status(stores.streams))
-        yield Cluster(turns, turns, stores.streams)
+        clock = FakeClock(T0)
+        stores = MemoryStores(clock=clock)
+        turns = MemoryTurns(session_status(stores.streams), clock=clock)
+        yield Cluster(turns, turns, stores.streams, clock=clock)
         return
     url = request.getfixturevalue("redis_url")
     first, second = RedisStores(url), RedisStores(url)
     try:
-        yield Cluster(RedisTurns(first.client), RedisTurns(second.client), first.streams)
+        yield Cluster(RedisTurns(first.client), RedisTurns(second.client), first.streams, redis=first.client)
     finally:
         io_loop.run_sync(first.close)
         io_loop.run_sync(second.close)
@@ -295,23 +312,42 @@ async def test_non_positive_ttl_is_refused(cluster: Cluster) -> None:
 
 @pytest.mark.gen_test
 async def test_queues_and_admissions_expire(cluster: Cluster) -> None:
+    queue, admitted = f"laibao:turns:{BOT}:{SCOPE}", f"laibao:inflight:{BOT}:{USER}"
     await cluster.start("s1", "s2", "s3")
-    await cluster.a.turns.join(BOT, SCOPE, "s1", 0.2)
-    assert await cluster.a.inflight.acquire(BOT, USER, "s1", 1, 0.2, T0)
-    await asyncio.sleep(0.12)
-    await cluster.b.turns.join(BOT, SCOPE, "s2", 0.2)  # a join re-arms the whole queue's life
-    await asyncio.sleep(0.12)  # 0.24 s after s1 joined, 0.12 s after s2 did
+    await cluster.a.turns.join(BOT, SCOPE, "s1", 10)
+    assert await cluster.a.inflight.acquire(BOT, USER, "s1", 1, 10, T0)
+    await cluster.let_pass(6, queue, admitted)
+    await cluster.b.turns.join(BOT, SCOPE, "s2", 10)  # a join re-arms the whole queue's life
+    await cluster.let_pass(6, queue, admitted)  # 12 s after s1 joined, 6 s after s2 did
     assert await positions(cluster.a, "s1", "s2") == [0, 1]
     # the user's admissions are forgotten ttl after the last one, though the caller's clock stood still
-    assert await cluster.a.inflight.acquire(BOT, USER, "s3", 1, 0.2, T0)
-    await asyncio.sleep(0.25)
+    assert await cluster.a.inflight.acquire(BOT, USER, "s3", 1, 10, T0)
+    await cluster.let_pass(10.001, queue, admitted)
     assert await positions(cluster.a, "s1", "s2") == [None, None]
     assert await cluster.a.inflight.count(BOT, USER, T0, ttl=TTL) == 0
 
 
+@pytest.mark.gen_test
+async def test_redis_expires_queues_and_admissions_on_its_own(redis_stores: RedisStores) -> None:
+    turns, client = RedisTurns(redis_stores.client), redis_stores.client
+    await redis_stores.streams.create(StreamSession(sid="s1", bot=BOT, user=USER, owner="node-a"), TTL)
+    await turns.turns.join(BOT, SCOPE, "s1", 1)
+    assert await turns.inflight.acquire(BOT, USER, "s1", 1, 1, T0)
+    keys = (f"laibao:turns:{BOT}:{SCOPE}", f"laibao:inflight:{BOT}:{USER}")
+    for key in keys:
+        assert 0 < await client.pttl(key) <= 1000
+    for key in keys:
+        async def gone(key: str = key) -> bool:
+            return not await client.exists(key)
+
+        await eventually(gone, f"{key} expires")
+    assert await turns.turns.position(BOT, SCOPE, "s1") is None
+    assert await turns.inflight.count(BOT, USER, T0, ttl=TTL) == 0
+
+
 # ------------------------------------------------------------------------ both behave the same way
 
-@pytest.mark.gen_test(timeout=20)
+@pytest.mark.gen_test(timeout=90)
 async def test_memory_and_redis_agree_on_random_operations(
     redis_url: str, io_loop: tornado.ioloop.IOLoop
 ) -> None:

@@ -275,8 +275,12 @@ async def test_mysql_down_is_a_store_error(mysql_url: str, mariadb_server: Maria
 @pytest.mark.gen_test
 async def test_store_survives_a_killed_connection(mysql_users: MySQLUserStore, mariadb_server: MariaDBServer) -> None:
     await mysql_users.add(User("zhangsan"))
-    for (conn_id,) in mariadb_server.admin("SELECT id FROM information_schema.processlist WHERE user = 'laibao'"):
+    pooled = mariadb_server.admin("SELECT id FROM information_schema.processlist WHERE user = 'laibao'")
+    assert pooled, "the store holds no connection to kill"
+    for (conn_id,) in pooled:
         mariadb_server.admin(f"KILL {conn_id}")
+    alive = {row[0] for row in mariadb_server.admin("SELECT id FROM information_schema.processlist")}
+    assert not alive & {conn_id for (conn_id,) in pooled}  # every pooled connection is really gone
     # the pool notices the dead connection and opens another one instead of failing the call
     assert (await mysql_users.get("zhangsan")) is not None
 

@@ -17,7 +17,7 @@ class ResponseUrlStub:
     def __init__(self) -> None:
         self.received: list[dict[str, Any]] = []  # every JSON body, in order
         self.fail_next: list[int] = []  # HTTP statuses to answer with before succeeding
-        self.attempts = 0  # every POST, failed on purpose or not
+        self.attempts = 0  # every POST, failed ones included
         self._port = free_port()
         self._server: tornado.httpserver.HTTPServer | None = None
 

@@ -12,11 +12,9 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
-
-from tornado.httpclient import AsyncHTTPClient
 
 from laibao import texts
 from laibao.answer.budget import ByteBudget
@@ -30,6 +28,7 @@ from laibao.auth import AuthUnavailable, Credential
 from laibao.config import BotConfig, Config
 from laibao.crypto import WeComCrypto
 from laibao.delivery import post_markdown
+from laibao.dify import error_label
 from laibao.errors import AuthError, DifyError, DifyHTTPError, StoreError
 from laibao.media import (
     IMAGE_MAX_BYTES,
@@ -44,6 +43,7 @@ from laibao.media import (
     think_blocks,
 )
 from laibao.metrics import Metrics
+from laibao.outbound import Outbound
 from laibao.sse import MessageDelta, MessageEnd, MessageFile, MessageReplace
 from laibao.wecom import MAX_CONTENT_BYTES
 from stores.base import DONE, ERROR, TERMINAL, ConversationStore, StreamSession, StreamStore
@@ -54,6 +54,7 @@ log = logging.getLogger("laibao.answer")
 T = TypeVar("T")
 
 CONVERSATION_GONE = "Conversation Not Exists"
+COMMAND_FIELD = "command"  # session extra of a deferred command (user not yet admitted): what to carry out
 MAX_IMAGES = 10  # WeCom accepts at most 10 msg_item images on the finishing reply
 TURN_POLL = 0.2  # seconds between checks whether a queued message's turn has come
 ABANDONED_CHECK_EVERY = 25  # turn checks between looks at whether the head was abandoned (~5 s)
@@ -67,7 +68,7 @@ CHECK_STEP = 4096  # characters of raw answer between two measurements of what i
 class WeComFiles:
     """Where a message's media and its response_url delivery go: the shared HTTP client and the bot's key."""
 
-    http: AsyncHTTPClient
+    http: Outbound
     crypto: WeComCrypto
     max_bytes: int
     response_url_retries: int
@@ -152,6 +153,8 @@ class Answers:
         self.relay = relay
         self.outbox = outbox
         self.clock = clock
+        # Set by the bot's service: carries out a deferred command (COMMAND_FIELD) after a takeover.
+        self.resume_command: Callable[[StreamSession], Coroutine[Any, Any, None]] | None = None
 
     def start(self, session: StreamSession, takeover: bool = False) -> bool:
         """Start the job of ``session`` here if this process has room; False (nothing started) if not."""
@@ -175,6 +178,10 @@ class Answers:
             return
         self.metrics.takeovers.labels(self.bot.key).inc()
         log.warning("bot %s: took over stream %s from %s", self.bot.key, sid, previous_owner or "(released)")
+        if COMMAND_FIELD in session.extra and self.resume_command is not None:
+            # A command whose user's admission was still being decided, not a question for Dify.
+            self.tasks.spawn(self.resume_command(session), name=f"command-{sid}")
+            return
         self.start(session, takeover=True)
 
 
@@ -219,7 +226,7 @@ class AnswerJob:
             await self._fail(exc.message)
         except (DifyError, MediaError, AuthError) as exc:
             if isinstance(exc, DifyError):
-                self.metrics.dify_errors.labels(self.bot.key, _error_code(exc)).inc()
+                self.metrics.dify_errors.labels(self.bot.key, error_label(exc)).inc()
             log.warning("stream %s: failed: %s", session.sid, exc)
             await self._fail(explain_failure(exc, self.bot))
         except StoreError as exc:
@@ -243,10 +250,13 @@ class AnswerJob:
 
     async def _answer(self) -> None:
         session, writer = self.session, self.writer
-        if not await self._wait_turn():
-            return
+        waited = await self._wait_turn()
+        if waited is None:
+            return  # its session vanished or ended while it waited: the user was told, if possible
         self.asked = True
-        if (await self._flags()).get("stop"):
+        # A /stop reaches the head of the queue only: one that came while this message waited is seen
+        # here; one that comes later is seen once Dify's task id is recorded.
+        if waited and (await self._flags()).get("stop"):
             await writer.finish(DONE, texts.STOPPED_NOTE, {})
             return
         credential = await self.app.credential(session.user)
@@ -286,14 +296,18 @@ class AnswerJob:
         except TimeoutError as exc:
             raise MediaUnavailable(f"media took longer than {self.files.media_deadline:g} s") from exc
 
-    async def _wait_turn(self) -> bool:
+    async def _wait_turn(self) -> bool | None:
         """Messages of one conversation reach Dify one at a time, in arrival order, across processes.
 
-        True once it is this message's turn; False if the session is gone or over (nothing to answer
-        on the stream: the user is told via response_url); raises Unanswerable past the deadline.
+        False if the message was at the head of its queue at once, True once its turn came after a
+        wait; None if its session vanished or ended meanwhile (the user is told via response_url);
+        raises Unanswerable past LAIBAO_TURN_WAIT.
         """
         bot, scope, sid = self.bot.key, self.session.scope, self.session.sid
-        await retrying(lambda: self.turns.join(bot, scope, sid, self.config.stream_ttl), f"stream {sid} turns")
+        position = await retrying(lambda: self.turns.join(bot, scope, sid, self.config.stream_ttl),
+                                  f"stream {sid} turns")
+        if position == 0:
+            return False  # at the head already: no second round trip to ask
         deadline = self.clock() + self.config.turn_wait
         # Polled, not notified: the message ahead may be relayed by another process.
         checks = 0
@@ -307,10 +321,10 @@ class AnswerJob:
                 if mine is None:
                     log.warning("stream %s: its session vanished while it waited for its turn", sid)
                     await self._tell(texts.LOST)
-                    return False
+                    return None
                 if not relay_running(mine, self.clock(), self.config.lease):
                     log.warning("stream %s: ended while it waited for its turn", sid)
-                    return False
+                    return None
                 log.warning("stream %s: its turn queue vanished; queued again", sid)
                 await retrying(lambda: self.turns.join(bot, scope, sid, self.config.stream_ttl),
                                f"stream {sid} turns")
@@ -551,11 +565,3 @@ class Unanswerable(Exception):
         super().__init__(reason)
         self.message = message
         self.reason = reason
-
-
-def _error_code(exc: DifyError) -> str:
-    """A bounded label for the Dify error metric."""
-    code = getattr(exc, "code", "") or ""
-    if code:
-        return str(code)[:40]
-    return type(exc).__name__

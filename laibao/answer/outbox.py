@@ -7,11 +7,10 @@ import logging
 import time
 from collections.abc import Callable
 
-from tornado.httpclient import AsyncHTTPClient
-
 from laibao import texts
 from laibao.delivery import post_markdown
 from laibao.errors import StoreError
+from laibao.outbound import Outbound
 from stores.base import StreamStore
 from stores.relay_store import RelayState
 
@@ -21,7 +20,7 @@ log = logging.getLogger("laibao.answer")
 class Outbox:
     """Delivers the outbox of a session: by its own relay at once, or by any process's sweep later."""
 
-    def __init__(self, relay: RelayState, streams: StreamStore, http: AsyncHTTPClient, *, node: str, lease: float,
+    def __init__(self, relay: RelayState, streams: StreamStore, http: Outbound, *, node: str, lease: float,
                  retries: int, clock: Callable[[], float] = time.time) -> None:
         self.relay = relay
         self.streams = streams
