@@ -16,6 +16,7 @@ from tornado.ioloop import IOLoop
 
 from laibao import texts
 from laibao.answer.budget import ByteBudget
+from laibao.answer.job import CHECK_STEP, DELIVERABLE_BYTES, Transcript
 from laibao.media import think_blocks
 from laibao.wecom import MAX_CONTENT_BYTES
 from tests.difystub import Script
@@ -257,6 +258,21 @@ async def _status(client: redis.asyncio.Redis, sid: str) -> bool:
 
 async def _field_is(client: redis.asyncio.Redis, key: str, name: str, value: str) -> bool:
     return bool(await client.hget(key, name) == value)
+
+
+def test_a_transcript_keeps_only_what_can_be_delivered() -> None:
+    transcript = Transcript("show", 512 * 1024)
+    for_stream = transcript.add("答" * 3_000_000)  # 9 MB in one delta
+    assert transcript.full and transcript.stream_full
+    assert len(transcript.text.encode()) <= DELIVERABLE_BYTES + 4 * CHECK_STEP
+    assert len(for_stream.encode()) <= MAX_CONTENT_BYTES + 4 * CHECK_STEP
+    assert transcript.add("还有更多") == "" and len(transcript.text.encode()) <= DELIVERABLE_BYTES + 4 * CHECK_STEP
+    # hidden reasoning shows nothing, so only the raw cap ends it; measured a bounded number of times
+    hidden = Transcript("hide", 512 * 1024)
+    for_stream = hidden.add("<think>" + "想" * 3_000_000)
+    assert hidden.full and not hidden.stream_full and for_stream == hidden.text  # the raw cap bounds both
+    assert len(hidden.text.encode()) <= 512 * 1024 + 4 * CHECK_STEP
+    assert hidden.measured <= 512 * 1024 // CHECK_STEP
 
 
 def test_hiding_reasoning_is_linear_in_the_answer() -> None:
