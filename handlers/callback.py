@@ -56,6 +56,9 @@ class CallbackHandler(BaseHandler):
         bot = self.runtime.bots.get(name)
         if bot is None:
             raise tornado.web.HTTPError(404, "no bot named %r", name)
+        if bot.config.websocket:
+            # WeCom sends this bot's messages over the long connection; it has no callback URL.
+            raise tornado.web.HTTPError(404, "bot %r runs in websocket mode", name)
         self._bot_key = bot.config.key
         return bot
 

@@ -12,6 +12,7 @@ import tornado.httpserver
 import tornado.web
 from tornado.log import access_log
 
+from handlers.api import SendHandler
 from handlers.callback import CallbackHandler
 from handlers.health import HealthHandler, MetricsHandler, ReadyHandler
 from laibao.config import Config
@@ -29,6 +30,7 @@ def make_app(runtime: Runtime) -> tornado.web.Application:
             (r"/healthz", HealthHandler),
             (r"/readyz", ReadyHandler),
             (r"/metrics", MetricsHandler),
+            (r"/api/send", SendHandler),
         ],
         runtime=runtime,
         # Error pages are plain text from BaseHandler.write_error; no tracebacks, even in debug.
@@ -113,10 +115,12 @@ async def serve(config: Config) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    bots = ", ".join(bot.path for bot in config.bots)
+    bots = ", ".join(f"{bot.key} (websocket)" if bot.websocket else bot.path for bot in config.bots)
     log.info("laibao %s listening on %s:%d, bots at %s, store %s", config.node, config.host, config.port,
              bots, "redis" if config.redis_url else "in-process")
     await stop.wait()
+    # The WeCom long connections go first: another process takes them over without waiting for the lease.
+    await runtime.ws.stop()
     log.info("draining: %d relays get %.0f s to finish", len(runtime.tasks), config.shutdown_grace)
     # Draining: /readyz answers 503, so the load balancer stops sending traffic, while polls that still
     # arrive are answered; new messages are recorded unowned and taken by the first other process polled.

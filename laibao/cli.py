@@ -158,6 +158,10 @@ async def _chat(config: Config, args: argparse.Namespace) -> int:
     if bot is None:
         print(f"laibao: chat: no bot named {args.bot!r} in the configuration", file=sys.stderr)
         return EXIT_USAGE
+    if bot.websocket:
+        print(f"laibao: chat: bot {bot.key!r} runs in websocket mode; chat plays WeCom's callbacks only",
+              file=sys.stderr)
+        return EXIT_USAGE
     url = args.url or f"http://127.0.0.1:{config.port}{bot.path}"
     http = AsyncHTTPClient(force_instance=True)
     player = WeComPlayer(WeComCrypto(bot.token, bot.aes_key, bot.receive_id), url, http)
@@ -191,6 +195,11 @@ async def _check(config: Config) -> int:
                 failed = True
             else:
                 print(f"dify {label}: ok, app mode {info.get('mode', '?')}")
+            if bot.config.websocket:
+                # Reported from the lease only: a subscribe here would displace the production connection.
+                line = await runtime.ws.describe(bot.config.key, label)
+                print(line)
+                failed = failed or "FAILED" in line
     finally:
         await runtime.close()
     return 1 if failed else 0

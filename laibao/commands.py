@@ -67,6 +67,26 @@ def _quoted_text(quote: Any) -> str:
     return ""
 
 
+def _with_key(media: dict[str, str], body: Any) -> dict[str, str]:
+    """A media entry with the item's own ``aeskey`` (long-connection mode encrypts each item with its own)."""
+    key = body.get("aeskey") if isinstance(body, Mapping) else None
+    if isinstance(key, str) and key:
+        media["aeskey"] = key
+    return media
+
+
+def _mixed_media(body: Mapping[str, Any]) -> list[Mapping[str, str]]:
+    """The images of a mixed message as media entries, each with its own aeskey when it has one."""
+    items = body.get("msg_item")
+    media: list[Mapping[str, str]] = []
+    for item in items if isinstance(items, list) else []:
+        image = item.get("image") if isinstance(item, Mapping) and item.get("msgtype") == "image" else None
+        url = image.get("url") if isinstance(image, Mapping) else None
+        if isinstance(url, str) and url:
+            media.append(_with_key({"kind": "image", "url": url}, image))
+    return media
+
+
 def _mixed_items(body: Mapping[str, Any]) -> list[tuple[str, str]]:
     """(text, image url) pairs of a mixed message's items; one side is always ""."""
     items = body.get("msg_item")
@@ -95,7 +115,7 @@ def read_message(callback: Callback, bot: BotConfig) -> Inbound:
         body = raw.get("mixed")
         pairs = _mixed_items(body) if isinstance(body, Mapping) else []
         text = " ".join(t for t, _ in pairs if t)
-        media = [{"kind": "image", "url": url} for _, url in pairs if url]
+        media = _mixed_media(body) if isinstance(body, Mapping) else []
         if len(media) > MAX_MIXED_IMAGES:
             return Inbound(text="", refusal=texts.TOO_MANY_IMAGES)
     elif callback.msgtype in ("image", "file", "video"):
@@ -103,7 +123,7 @@ def read_message(callback: Callback, bot: BotConfig) -> Inbound:
         url = body.get("url") if isinstance(body, Mapping) else None
         text = ""
         if isinstance(url, str) and url:
-            media = [{"kind": callback.msgtype, "url": url}]
+            media = [_with_key({"kind": callback.msgtype, "url": url}, body)]
     else:
         text = callback.text
     if callback.is_group:

@@ -27,6 +27,7 @@ ENV_PREFIX = "LAIBAO_"
 BOT_NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 DEFAULT_PLACEHOLDER = "正在思考…"
 DEFAULT_DENIED = "抱歉，你还没有使用这个机器人的权限，请联系管理员开通。"
+DEFAULT_WS_URL = "wss://openws.work.weixin.qq.com"
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,15 @@ class BotConfig:
     stop_words: tuple[str, ...] = ("/stop", "停止", "停")
     help_words: tuple[str, ...] = ("/help", "帮助")
     help_text: str = ""
+    mode: str = "callback"  # callback: WeCom posts to us; websocket: one process holds a long connection
+    bot_id: str = ""  # websocket mode: the bot's BotID and Secret instead of Token and EncodingAESKey
+    secret: str = field(default="", repr=False)
+    ws_url: str = DEFAULT_WS_URL
+
+    @property
+    def websocket(self) -> bool:
+        """True when the bot runs in long-connection mode (no callbacks)."""
+        return self.mode == "websocket"
 
     @property
     def path(self) -> str:
@@ -122,6 +132,11 @@ class Config:
     wecom_media_hosts: tuple[str, ...] = ()
     response_url_hosts: tuple[str, ...] = ()
     dify_file_hosts: tuple[str, ...] = ()  # besides each bot's Dify origin
+    ws_push_interval: float = 0.5  # at most one stream frame per stream this often (long-connection mode)
+    ws_lease: float = 15.0  # the connection holder's Redis lease; a dead holder is replaced after it
+    ws_ping_interval: float = 30.0
+    ws_displaced_backoff: float = 300.0  # after another client took the bot's connection, wait this long
+    api_key: str = field(default="", repr=False)  # bearer of POST /api/send; unset = endpoint off
 
     @cached_property
     def node(self) -> str:
@@ -237,6 +252,11 @@ _GLOBAL_PARSERS: dict[str, Parser] = {
     "wecom_media_hosts": _words,
     "response_url_hosts": _words,
     "dify_file_hosts": _words,
+    "ws_push_interval": _float,
+    "ws_lease": _float,
+    "ws_ping_interval": _float,
+    "ws_displaced_backoff": _float,
+    "api_key": _str,
 }
 _BOT_PARSERS: dict[str, Parser] = {
     "name": _str,
@@ -258,6 +278,10 @@ _BOT_PARSERS: dict[str, Parser] = {
     "stop_words": _words,
     "help_words": _words,
     "help_text": _str,
+    "mode": _choice("callback", "websocket"),
+    "bot_id": _str,
+    "secret": _str,
+    "ws_url": _str,
 }
 # The environment's bot: LAIBAO_WECOM_TOKEN etc. map onto BotConfig fields.
 _ENV_BOT = {
@@ -279,8 +303,13 @@ _ENV_BOT = {
     "STOP_WORDS": "stop_words",
     "HELP_WORDS": "help_words",
     "HELP_TEXT": "help_text",
+    "WECOM_MODE": "mode",
+    "WECOM_BOT_ID": "bot_id",
+    "WECOM_BOT_SECRET": "secret",
+    "WECOM_WS_URL": "ws_url",
 }
 _BOT_REQUIRED = ("token", "aes_key", "dify_url", "dify_key")
+_WS_BOT_REQUIRED = ("bot_id", "secret", "dify_url", "dify_key")
 
 
 def read_dotenv(path: Path) -> dict[str, str]:
@@ -384,13 +413,14 @@ def _build_bot(
 
     before = len(problems)
     values: dict[str, Any] = {}
+    required = _WS_BOT_REQUIRED if table.get("mode") == "websocket" else _BOT_REQUIRED
     for key in table:
         if key not in _BOT_PARSERS:
             problems.append(f"{where}: unknown setting {key!r}")
     for name, parse in _BOT_PARSERS.items():
         raw = table.get(name)
         if raw is None or (raw == "" and name not in ("name", "welcome", "help_text")):
-            if name in _BOT_REQUIRED:
+            if name in required:
                 problems.append(f"{label(name)}: required")
             continue
         try:
@@ -411,12 +441,18 @@ def _build_bot(
             problems.append(f"{label('dify_url')}: must be an http(s) URL, got {dify_url!r}")
         elif not parts.path.rstrip("/").endswith("/v1"):
             problems.append(f"{label('dify_url')}: must be Dify's API base ending in /v1, got {dify_url!r}")
+    ws_url = values.get("ws_url")
+    if isinstance(ws_url, str) and (urlsplit(ws_url).scheme not in ("ws", "wss") or not urlsplit(ws_url).netloc):
+        problems.append(f"{label('ws_url')}: must be a ws:// or wss:// URL, got {ws_url!r}")
     ttl = values.get("conversation_ttl")
     if isinstance(ttl, float) and ttl <= 0:
         problems.append(f"{label('conversation_ttl')}: must be positive")
     if len(problems) > before:
         return []
     values["dify_url"] = values["dify_url"].rstrip("/")
+    # A websocket bot has no Token or EncodingAESKey: its BotID and Secret authenticate instead.
+    values.setdefault("token", "")
+    values.setdefault("aes_key", "")
     return [BotConfig(**values)]
 
 
@@ -460,6 +496,8 @@ def _check_globals(config: Config) -> list[str]:
         problems.append("max_answer_bytes: must hold at least what WeCom can show (40960)")
     if config.lease < 3 * config.flush_interval:
         problems.append("lease: must be well above flush_interval")
+    if any(bot.websocket for bot in config.bots) and config.ws_lease < 1.0:
+        problems.append("ws_lease: must be at least 1 second (it is renewed three times per period)")
     return problems
 
 
@@ -490,6 +528,6 @@ def _kind(parse: Parser) -> str:
 
 def _shown(name: str, raw: Any) -> str:
     """A value fit for an error line: secrets are never echoed."""
-    if name in ("token", "aes_key", "dify_key", "redis_url", "mysql_url"):
+    if name in ("token", "aes_key", "dify_key", "redis_url", "mysql_url", "secret", "api_key"):
         return "(hidden)"
     return repr(raw)[:60]

@@ -295,3 +295,9 @@ def generate_token(length: int = 32) -> str:
 def generate_aes_key() -> str:
     """Return a random 43-character EncodingAESKey (base64 of 32 bytes without the trailing '=')."""
     return base64.b64encode(secrets.token_bytes(_AES_KEY_LEN)).decode("ascii")[:-1]
+
+
+def media_item_crypto(aeskey: str) -> WeComCrypto:
+    """The cipher for one long-connection media item, whose own ``aeskey`` (base64 of 32 bytes) encrypts it."""
+    # Same AES-256-CBC with IV = key[:16] and PKCS#7 to 32 as callback media; the key may lack its "=".
+    return WeComCrypto("media", aeskey.strip().rstrip("="))

@@ -11,11 +11,13 @@
     │   └── DifyStreamError    malformed SSE, an `error` event, or EOF without a terminal event
     ├── StoreError             Redis / MySQL unavailable or misbehaving
     ├── AuthError              the user could not be authenticated
-    └── UpstreamError          an outbound HTTP call failed below the application (laibao.outbound)
-        ├── UpstreamRefused    the URL's host is not allowed, or it resolves to a private address
-        ├── UpstreamTimeout    no connection in time ("connect"), or no whole answer in time ("total")
-        ├── UpstreamTooLarge   the answer is larger than the call allows
-        └── UpstreamUnreachable  refused, reset, DNS, TLS, a malformed HTTP answer
+    ├── UpstreamError          an outbound HTTP call failed below the application (laibao.outbound)
+    │   ├── UpstreamRefused    the URL's host is not allowed, or it resolves to a private address
+    │   ├── UpstreamTimeout    no connection in time ("connect"), or no whole answer in time ("total")
+    │   ├── UpstreamTooLarge   the answer is larger than the call allows
+    │   └── UpstreamUnreachable  refused, reset, DNS, TLS, a malformed HTTP answer
+    └── LongConnectionError    the WeCom long connection is gone, or WeCom refused a frame
+        └── FrameRefused       a frame's ack carried a non-zero errcode
 
 Third-party exceptions are mapped onto this tree at the boundary with ``raise ... from exc``.
 Messages are for operators and never contain secrets.
@@ -131,3 +133,16 @@ class UpstreamTooLarge(UpstreamError):
 
 class UpstreamUnreachable(UpstreamError):
     """Connection refused or reset, DNS or TLS failure, or an answer that is not HTTP."""
+
+
+class LongConnectionError(LaibaoError):
+    """The WeCom long connection is closed, timed out, or refused a frame."""
+
+
+class FrameRefused(LongConnectionError):
+    """WeCom acknowledged a frame with a non-zero errcode."""
+
+    def __init__(self, cmd: str, errcode: int, errmsg: str = "") -> None:
+        self.cmd = cmd
+        self.errcode = errcode
+        super().__init__(f"WeCom refused {cmd}: errcode {errcode} {errmsg[:100]}".rstrip())

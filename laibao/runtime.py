@@ -18,6 +18,7 @@ from laibao.config import BotConfig, Config
 from laibao.crypto import WeComCrypto
 from laibao.dify import DifyClient
 from laibao.errors import StoreError
+from laibao.longconn import LongConnections, unused_crypto
 from laibao.metrics import Metrics
 from laibao.outbound import Outbound
 from laibao.service import BotService
@@ -28,6 +29,7 @@ from stores.relay_store import MemoryRelayState, RedisRelayState, RelayState
 from stores.tokens import open_token_cache
 from stores.turns_store import MemoryTurns, RedisTurns, Turns, session_status
 from stores.users import open_user_store
+from stores.ws_store import MemoryWsStore, RedisWsStore
 
 log = logging.getLogger("laibao.runtime")
 
@@ -88,7 +90,7 @@ class Runtime:
                 total_timeout=config.dify_total_timeout,
                 file_hosts=config.dify_file_hosts,
             )
-            crypto = WeComCrypto(bot.token, bot.aes_key, bot.receive_id)
+            crypto = WeComCrypto(bot.token, bot.aes_key, bot.receive_id) if not bot.websocket else unused_crypto()
             app = DifyApp(bot, dify, self.auth if bot.auth != "open" else None)
             files = WeComFiles(http, crypto, config.media_max_bytes, config.response_url_retries, media_budget,
                                config.media_deadline)
@@ -99,6 +101,10 @@ class Runtime:
             service = BotService(bot=bot, config=config, app=app, answers=answers, stores=stores, turns=turns.turns,
                                  inflight=turns.inflight, media=media, tasks=self.tasks, metrics=self.metrics)
             self.bots[bot.name] = BotRuntime(bot, crypto, service)
+        # Long-connection bots: one process of the cluster holds each one's WeCom connection.
+        ws_store = RedisWsStore(stores.client) if isinstance(stores, RedisStores) else MemoryWsStore()
+        self.ws = LongConnections(config, {name: bot.service for name, bot in self.bots.items()}, ws_store,
+                                  self.metrics.registry)
 
     @classmethod
     def build(cls, config: Config) -> Runtime:
@@ -113,6 +119,7 @@ class Runtime:
             await self.auth.start()
         self._sweeper = asyncio.get_running_loop().create_task(self.outbox.run(self.config.delivery_sweep),
                                                                name="delivery-sweep")
+        self.ws.start()
 
     @property
     def draining(self) -> bool:
@@ -137,6 +144,7 @@ class Runtime:
 
     async def close(self, grace: float = 0.0) -> None:
         """Let relays finish for up to ``grace`` seconds, then close the clients."""
+        await self.ws.stop()
         if self._sweeper is not None:
             self._sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):

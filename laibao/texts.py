@@ -34,6 +34,7 @@ OVERFLOW_NOTE = "（内容较长，其余部分稍后单独发送）"
 TRUNCATED_NOTE = "（内容超出企业微信的长度上限，后面的部分已省略）"
 SIGN_IN_FAILED = "抱歉，登录认证失败，请稍后再试。"
 WELCOME = "你好，我是 AI 助手，直接发消息提问即可。"
+NO_ANSWER = "抱歉，这次没有生成回答，请换个说法再试。"
 
 DIFY_UNREACHABLE = "抱歉，暂时连不上 AI 服务，请稍后再试。"
 DIFY_TIMEOUT = "抱歉，AI 服务响应超时，请稍后再试。"

@@ -26,7 +26,7 @@ from laibao.answer.tasks import AnswerTasks
 from laibao.answer.writer import Flusher, OwnershipLost, StreamWriter
 from laibao.auth import AuthUnavailable, Credential
 from laibao.config import BotConfig, Config
-from laibao.crypto import WeComCrypto
+from laibao.crypto import WeComCrypto, media_item_crypto
 from laibao.delivery import post_markdown
 from laibao.dify import error_label
 from laibao.errors import AuthError, DifyError, DifyHTTPError, StoreError
@@ -155,6 +155,8 @@ class Answers:
         self.clock = clock
         # Set by the bot's service: carries out a deferred command (COMMAND_FIELD) after a takeover.
         self.resume_command: Callable[[StreamSession], Coroutine[Any, Any, None]] | None = None
+        # Set in long-connection mode: delivers what callback mode sends through response_url.
+        self.send_markdown: Callable[[StreamSession, str], Awaitable[None]] | None = None
 
     def start(self, session: StreamSession, takeover: bool = False) -> bool:
         """Start the job of ``session`` here if this process has room; False (nothing started) if not."""
@@ -206,6 +208,7 @@ class AnswerJob:
         self.relay = answers.relay
         self.outbox = answers.outbox
         self.clock = answers.clock
+        self.send_markdown = answers.send_markdown
 
     async def run(self) -> None:
         """Stream Dify's answer into the store until it is done or failed."""
@@ -384,10 +387,12 @@ class AnswerJob:
         parameters = await self.app.parameters(bearer)
         files = []
         for item in media:
+            # Long-connection mode encrypts each item with its own aeskey; callbacks with the bot's key.
+            crypto = media_item_crypto(item["aeskey"]) if item.get("aeskey") else self.files.crypto
             # Encrypted copy, plaintext and upload body: about three times the file at once.
             async with self.files.budget.hold(3 * self.files.max_bytes):
-                data = await download_wecom_media(self.files.http, item["url"], self.files.crypto,
-                                                  self.files.max_bytes, timeout=30.0)
+                data = await download_wecom_media(self.files.http, item["url"], crypto, self.files.max_bytes,
+                                                  timeout=30.0)
                 kind = sniff(data, item.get("kind", ""))
                 dify_type = check_upload(kind, len(data), parameters)
                 upload = await self.app.client.upload_file(data, kind.filename(f"wecom-{len(files) + 1}"),
@@ -478,8 +483,15 @@ class AnswerJob:
         return items
 
     async def _hand_over(self, content: str) -> None:
-        """Leave ``content`` for the response_url where any process can deliver it, then deliver it (once)."""
+        """Leave ``content`` for the response_url where any process can deliver it, then deliver it (once).
+
+        In long-connection mode there is no response_url: the bot's connection sends it.
+        """
         session = self.session
+        if self.send_markdown is not None and content.strip():
+            # Long-connection mode: no response_url; the bot's connection sends it, wherever it is held.
+            await self.send_markdown(session, content)
+            return
         if not session.response_url or not content.strip():
             return
         # One response_url message holds 20480 bytes too, and it can be used only once.
@@ -493,7 +505,9 @@ class AnswerJob:
     async def _tell(self, content: str) -> None:
         """Post ``content`` to the response_url directly (the session is gone, so no claim is possible)."""
         session = self.session
-        if session.response_url:
+        if self.send_markdown is not None:
+            await self.send_markdown(session, content)
+        elif session.response_url:
             delivered = await post_markdown(self.files.http, session.response_url, content,
                                             retries=self.files.response_url_retries)
             log.log(logging.INFO if delivered else logging.ERROR, "stream %s: response_url note %s",
