@@ -137,8 +137,9 @@ async def test_a_message_that_waits_past_the_turn_deadline_is_told(svc: Service)
 @pytest.mark.settings(lease="2")
 @pytest.mark.gen_test(timeout=60)
 async def test_the_next_message_waits_for_the_relay_not_the_window_and_continues_its_conversation(
-    svc: Service, responses: ResponseUrlStub
+    redis_svc: Service, responses: ResponseUrlStub
 ) -> None:
+    svc = redis_svc  # one backend is enough: the job logic is shared, both turn stores are tested in test_turns_store
     hold = asyncio.Event()
     svc.dify.push(Script(answer="第一条的回答", hold=hold, ping_every=0.2), Script(answer="第二条的回答"))
     first = await to_the_end(svc, message("第一条", response_url=responses.url("one")))
@@ -166,9 +167,10 @@ async def test_the_next_message_waits_for_the_relay_not_the_window_and_continues
 async def test_a_user_never_holds_more_than_three_dify_streams(svc: Service) -> None:
     hold = asyncio.Event()
     svc.dify.push(*[Script(answer=f"群{i}的回答", hold=hold, ping_every=0.2) for i in range(3)])
-    for chat in ("c1", "c2", "c3"):  # three group chats: three conversations of one user
-        polls = await to_the_end(svc, message("问题", chattype="group", chatid=chat))
-        assert polls[-1]["content"].endswith(texts.WINDOW_NOTE)
+    # three group chats: three conversations of one user, all past their window
+    chats = await asyncio.gather(*(to_the_end(svc, message("问题", chattype="group", chatid=chat))
+                                   for chat in ("c1", "c2", "c3")))
+    assert all(polls[-1]["content"].endswith(texts.WINDOW_NOTE) for polls in chats)
     fourth = await svc.wecom.stream(message("第四个", chattype="group", chatid="c4"))
     assert (fourth["content"], fourth["finish"]) == (texts.TOO_MANY, True)
     assert len(svc.dify.chat_calls) == 3
