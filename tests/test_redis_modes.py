@@ -246,8 +246,10 @@ async def test_sentinel_failover_while_answers_stream(sentinel_set: RedisSentine
     answers = ["".join(parts) for parts in sentences]
     hold = asyncio.Event()
     svc = on_sentinel
-    for parts in sentences:
-        svc.dify.push(Script(answer="".join(parts), deltas=parts, cut=(200,), delay=0.1, hold=hold))
+    scripts = {f"问题{n}": Script(answer="".join(parts), deltas=parts, cut=(200,), delay=0.1, hold=hold)
+               for n, parts in enumerate(sentences)}
+    # by query: the three answers start concurrently, so Dify may see them in any order
+    svc.dify.answer_for = lambda query: scripts.get(query, svc.dify.default)
     firsts = [await svc.wecom.stream(message(f"问题{n}", user=f"user{n}")) for n in range(3)]
     await eventually(lambda: len(svc.dify.chat_calls) == 3, "three answers to start")
     old = sentinel_set.primary.port
