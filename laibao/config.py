@@ -125,6 +125,11 @@ class Config:
     media_hold_seconds: float = 300.0
     media_max_bytes: int = 20 * 1024 * 1024
     response_url_retries: int = 3
+    turn_wait: float = 1800.0  # longest a message waits for the one ahead in its conversation
+    max_answer_bytes: int = 512 * 1024  # raw Dify text kept per answer (hidden reasoning included)
+    media_deadline: float = 120.0  # seconds for one answer's media step (downloads and uploads, or images)
+    media_memory_bytes: int = 256 * 1024 * 1024  # media bytes held in memory at once on one process
+    delivery_sweep: float = 10.0  # seconds between looks for response_url deliveries a dead process left
     # Where URLs from outside may point; empty = WeCom's own hosts (laibao.outbound). Entries are host,
     # host:port or *.domain; hosts listed here may resolve to private addresses.
     wecom_media_hosts: tuple[str, ...] = ()
@@ -244,6 +249,11 @@ _GLOBAL_PARSERS: dict[str, Parser] = {
     "media_hold_seconds": _float,
     "media_max_bytes": _int,
     "response_url_retries": _int,
+    "turn_wait": _float,
+    "max_answer_bytes": _int,
+    "media_deadline": _float,
+    "media_memory_bytes": _int,
+    "delivery_sweep": _float,
     "wecom_media_hosts": _words,
     "response_url_hosts": _words,
     "dify_file_hosts": _words,
@@ -494,6 +504,8 @@ def _check_globals(config: Config) -> list[str]:
                 problems.append(f"{name}: {entry!r} is not a host, host:port or *.domain")
     if config.window_margin >= config.stream_window:
         problems.append("window_margin: must be shorter than stream_window")
+    if config.max_answer_bytes < 2 * 20480:
+        problems.append("max_answer_bytes: must hold at least what WeCom can show (40960)")
     if config.lease < 3 * config.flush_interval:
         problems.append("lease: must be well above flush_interval")
     if any(bot.websocket for bot in config.bots) and config.ws_lease < 1.0:

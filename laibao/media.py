@@ -436,7 +436,8 @@ def split_for_wecom(text: str, limit: int = WECOM_CONTENT_BYTES) -> tuple[str, s
 _THINK_OPEN = re.compile(r"<think>", re.I)
 _THINK_CLOSE = re.compile(r"</think>", re.I)
 _DETAILS_CLOSE = re.compile(r"</details>", re.I)
-_DETAILS_OPEN = re.compile(r"<details\b([^>]*)>\s*<summary\b[^>]*>([^<]{0,80})</summary>", re.I)
+# Bounded repeats: on text full of "<details" an unbounded [^>]* would rescan to the end at each one.
+_DETAILS_OPEN = re.compile(r"<details\b([^>]{0,256})>\s{0,64}<summary\b[^>]{0,64}>([^<]{0,80})</summary>", re.I)
 _TAG_HOLD = 512  # an unfinished <details ...><summary>...</summary> longer than this is not Dify's
 
 
@@ -449,10 +450,12 @@ def _is_thinking(attributes: str, summary: str) -> bool:
 
 def _opening(text: str, at: int, final: bool) -> tuple[re.Pattern[str], int] | bool:
     """At a "<": the close pattern and body start of a reasoning block; True if undecided yet; False if not one."""
-    rest = text[at : at + _TAG_HOLD].lower()
-    if rest.startswith("<think>"):
+    # The few characters every tag needs first: looking further at every "<" costs a long answer dearly.
+    head = text[at : at + 9].lower()
+    if head.startswith("<think>"):
         return _THINK_CLOSE, at + len("<think>")
-    if rest.startswith("<details"):
+    if head.startswith("<details"):
+        rest = text[at : at + _TAG_HOLD].lower()
         match = _DETAILS_OPEN.match(text, at)
         if match is not None:
             return (_DETAILS_CLOSE, match.end()) if _is_thinking(match.group(1), match.group(2)) else False
@@ -461,7 +464,7 @@ def _opening(text: str, at: int, final: bool) -> tuple[re.Pattern[str], int] | b
     if final:
         return False
     # Only a tag cut off by the end of the text is undecided; a complete "</think>" is decided (stray).
-    return any(len(rest) < len(tag) and tag.startswith(rest) for tag in ("<think>", "<details", "</think>"))
+    return any(len(head) < len(tag) and tag.startswith(head) for tag in ("<think>", "<details", "</think>"))
 
 
 def _without_partial_close(body: str, close: str) -> str:
@@ -488,6 +491,10 @@ def think_blocks(text: str, mode: str, *, final: bool = False) -> str:
     out: list[str] = []
     segment = 0  # index in ``out`` where the text after the last reasoning block begins
     position = 0
+    # Whether ``out`` already holds visible text: kept as a flag, as joining ``out`` at every "<"
+    # made a long answer quadratic.
+    visible = 0  # how many pieces of ``out`` were looked at for it
+    shown = False
     while position < len(text):
         at = text.find("<", position)
         if at < 0:
@@ -519,10 +526,13 @@ def think_blocks(text: str, mode: str, *, final: bool = False) -> str:
             if show:
                 out.append(f"<think>{text[body_start:end.start()]}</think>")
             position = end.end()
-        if not show and not "".join(out).strip():
-            # An answer that begins with hidden reasoning would begin with the blank lines after it.
-            while position < len(text) and text[position].isspace():
-                position += 1
+        if not show:
+            shown = shown or any(piece.strip() for piece in out[visible:])
+            visible = len(out)
+            if not shown:
+                # An answer that begins with hidden reasoning would begin with the blank lines after it.
+                while position < len(text) and text[position].isspace():
+                    position += 1
         segment = len(out)
     return "".join(out)
 

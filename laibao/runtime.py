@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from dataclasses import dataclass
 
+from laibao.answer.budget import ByteBudget
 from laibao.answer.difyapp import DifyApp
 from laibao.answer.job import Answers, WeComFiles
+from laibao.answer.outbox import Outbox
 from laibao.answer.tasks import AnswerTasks
 from laibao.answer.writer import Flusher
 from laibao.auth import AuthService
@@ -21,6 +25,7 @@ from laibao.service import BotService
 from stores import Stores, open_stores
 from stores.media_store import MediaHold, MemoryMediaHold, RedisMediaHold
 from stores.redis_store import RedisStores
+from stores.relay_store import MemoryRelayState, RedisRelayState, RelayState
 from stores.tokens import open_token_cache
 from stores.turns_store import MemoryTurns, RedisTurns, Turns, session_status
 from stores.users import open_user_store
@@ -52,11 +57,21 @@ class Runtime:
         self.flusher = Flusher(stores.streams, config.flush_interval, config.flush_bytes)
         turns: Turns
         media: MediaHold
+        relay: RelayState
         if isinstance(stores, RedisStores):
-            turns, media = RedisTurns(stores.client, stores.keys), RedisMediaHold(stores.client, stores.keys)
+            turns = RedisTurns(stores.client, stores.keys, lease=config.lease)
+            media = RedisMediaHold(stores.client, stores.keys)
+            relay = RedisRelayState(stores.client, stores.keys)
         else:
-            turns, media = MemoryTurns(session_status(stores.streams)), MemoryMediaHold()
+            turns = MemoryTurns(session_status(stores.streams), lease=config.lease)
+            media, relay = MemoryMediaHold(), MemoryRelayState(stores.streams)
         self.turns = turns
+        self.relay = relay
+        # response_url deliveries: by their relay at once, or swept up here if its process died.
+        self.outbox = Outbox(relay, stores.streams, http, node=config.node, lease=config.lease,
+                             retries=config.response_url_retries)
+        self._sweeper: asyncio.Task[None] | None = None
+        media_budget = ByteBudget(config.media_memory_bytes)
         # The user store and token cache are only opened when a bot checks who may talk to it.
         self.auth: AuthService | None = None
         if any(bot.auth != "open" for bot in config.bots):
@@ -78,10 +93,12 @@ class Runtime:
             )
             crypto = WeComCrypto(bot.token, bot.aes_key, bot.receive_id) if not bot.websocket else unused_crypto()
             app = DifyApp(bot, dify, self.auth if bot.auth != "open" else None)
-            files = WeComFiles(http, crypto, config.media_max_bytes, config.response_url_retries)
+            files = WeComFiles(http, crypto, config.media_max_bytes, config.response_url_retries, media_budget,
+                               config.media_deadline)
             answers = Answers(bot=bot, app=app, streams=stores.streams, conversations=stores.conversations,
                               turns=turns.turns, inflight=turns.inflight, files=files, flusher=self.flusher,
-                              tasks=self.tasks, metrics=self.metrics, config=config)
+                              tasks=self.tasks, metrics=self.metrics, config=config, relay=relay,
+                              outbox=self.outbox)
             service = BotService(bot=bot, config=config, app=app, answers=answers, stores=stores, turns=turns.turns,
                                  inflight=turns.inflight, media=media, tasks=self.tasks, metrics=self.metrics)
             self.bots[bot.name] = BotRuntime(bot, crypto, service)
@@ -104,6 +121,8 @@ class Runtime:
         """Start background listeners (token invalidations from other processes)."""
         if self.auth is not None:
             await self.auth.start()
+        self._sweeper = asyncio.get_running_loop().create_task(self.outbox.run(self.config.delivery_sweep),
+                                                               name="delivery-sweep")
         self.ws.start()
 
     @property
@@ -130,6 +149,10 @@ class Runtime:
     async def close(self, grace: float = 0.0) -> None:
         """Let relays finish for up to ``grace`` seconds, then close the clients."""
         await self.ws.stop()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
         cancelled = await self.tasks.drain(grace)
         if cancelled:
             log.warning("%d relays were still running at shutdown", cancelled)

@@ -137,8 +137,9 @@ class BotService:
         media = [*await self.media.take(self.bot.key, scope), *media_in]
         session = self._session(sid, callback, scope, text, {"media": json.dumps(media)} if media else {})
         await self.streams.create(session, self.config.stream_ttl)
+        # A slot lasts as long as the relay can (not WeCom's window): the relay's end frees it sooner.
         if not await self.inflight.acquire(self.bot.key, callback.userid, sid, MAX_IN_FLIGHT,
-                                           self.config.stream_window, session.created):
+                                           self.config.stream_ttl, session.created):
             await self.streams.finish(sid, session.owner, DONE, texts.TOO_MANY, {}, session.created)
             return stream_reply(sid, texts.TOO_MANY, finish=True)
         if not self.answers.start(session):

@@ -65,7 +65,7 @@ class Snapshot:
     heartbeat: float
     deadline: float
     final_delivered: bool  # an EARLIER poll already returned this session in a terminal status
-    items: str = ""  # once finished: the extra "items" (the finishing reply's images, JSON), else ""
+    items: str = ""  # on the first poll that sees it finished: the extra "items" (images, JSON), then dropped
     # per chunk this poll was the first to deliver: seconds since it was written (when ``now`` was given)
     lags: tuple[float, ...] = ()
 

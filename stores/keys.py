@@ -9,6 +9,7 @@ script touches share a hash tag (the part in braces):
     {p}:media:{T}            list    media held for the scope's next text
     {p}:msgid:{M}            string  the stream id of a WeCom message; M binds bot, user, chat and msgid
     {p}:inflight:{U}         zset    one user's admitted messages; U is the tag of bot + user
+    {p}:undelivered          zset    sessions whose response_url delivery may be pending (``stores.relay_store``)
     {p}:auth:lock:{userid}   string  a user's sign-in lock
     {p}:auth:invalidate      channel token invalidations (pub/sub)
     authorization:*          (see ``stores.tokens``: names kept for existing deployments, no prefix)
@@ -91,6 +92,11 @@ class Keys:
     def inflight(self, bot: str, user: str) -> str:
         """One user's admitted messages."""
         return f"{self.prefix}:inflight:{{{_digest('user', bot, user)}}}"
+
+    @property
+    def undelivered(self) -> str:
+        """The listing of sessions a delivery sweep looks at (its own slot: written apart from them)."""
+        return f"{self.prefix}:undelivered"
 
     def auth_lock(self, userid: str) -> str:
         """The user's sign-in lock."""

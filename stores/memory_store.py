@@ -303,7 +303,8 @@ class MemoryStreamStore:
             heartbeat=s.heartbeat,
             deadline=s.deadline,
             final_delivered=delivered,
-            items=s.extra.get("items", "") if s.status in TERMINAL else "",
+            # as in Redis: the images go with the first finishing reply only
+            items=s.extra.pop("items", "") if s.status in TERMINAL and not delivered else "",
             lags=lags,
         )
 

@@ -216,8 +216,8 @@ POLL_LUA = """
 -- KEYS[1] stream key
 -- ARGV[1] the polling bot ('' = any), ARGV[2] now ('' = not given)
 -- returns nil if the session is missing or belongs to another bot (nothing changes then), else
---   {status, content, n, unread, owner, heartbeat, deadline, final_delivered (0/1), items ('' unless over),
---    lags}
+--   {status, content, n, unread, owner, heartbeat, deadline, final_delivered (0/1),
+--    items ('' unless this is the first poll to see it over), lags}
 -- and marks every chunk read; a terminal status also marks the final content delivered ('fin').
 -- A chunk's read flag r:{i} holds its write time until delivered, then 'd' .. the time of the first
 -- poll that delivered it ('1' when no time was given); lags lists now - write time of those chunks
@@ -261,7 +261,12 @@ local fin = 0
 if h[6] == '1' then fin = 1 end
 if (h[1] == $DONE or h[1] == $ERROR) and fin == 0 then redis.call('HSET', KEYS[1], 'fin', '1') end
 local items = ''
-if h[1] == $DONE or h[1] == $ERROR then items = redis.call('HGET', KEYS[1], 'x:items') or '' end
+-- images go on the first finishing reply only, then leave the store: up to 10 base64 images must
+-- not travel with every later poll
+if (h[1] == $DONE or h[1] == $ERROR) and fin == 0 then
+  items = redis.call('HGET', KEYS[1], 'x:items') or ''
+  if items ~= '' then redis.call('HDEL', KEYS[1], 'x:items') end
+end
 return {h[1], table.concat(parts), n, count, h[3] or '', h[4] or '0', h[5] or '0', fin, items, lags}
 """
 

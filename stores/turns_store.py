@@ -4,15 +4,18 @@ Keys (see ``stores.keys``): a conversation's turn list holds its stream ids in a
 head is the one message Dify may answer now) and shares the hash slot of those sessions; a user's
 in-flight sorted set holds the stream ids of their admitted messages, scored by admission time.
 
-Both read the session hashes (see ``stores.redis_store``): a message whose
-session is missing (expired, never created) or over (``done``/``error``) can never finish, so it
-neither holds a conversation's turn nor counts against its user's limit. Callers therefore create a
-message's session before they ``join`` or ``acquire`` for it.
+Both read the session hashes (see ``stores.redis_store``): a message whose relay is over can never
+finish, so it neither holds a conversation's turn nor counts against its user's limit. A relay is over
+when its session is missing (expired, never created), or ``done``/``error`` unless ``x:relay`` is
+``on`` (WeCom's window closed, the relay still streams) with an ``x:beat`` (the relay's heartbeat) at
+most the lease old. Callers therefore create a message's session before they ``join`` or ``acquire``
+for it.
 
 Every script declares every key it touches and touches one key. A turn check reads the head, then
 its session's status, and drops a head found over with a script that pops it only if it is still the
 head; an admission reads the statuses of the user's sessions (any slots), then runs a script on the
-set alone. A session found over stays over, so each step is safe on its own, on a cluster too.
+set alone. A session found over stays over (a relay whose heartbeat went stale is taken for dead), so
+each step is safe on its own, on a cluster too.
 Redis errors leave this module as ``StoreError``.
 """
 
@@ -24,15 +27,19 @@ from typing import Protocol
 
 from redis.typing import EncodableT
 
-from stores.base import TERMINAL, StreamStore
+from stores.base import TERMINAL, StreamSession, StreamStore
 from stores.connection import Client, register
 from stores.errors import redis_errors, ttl_ms
 from stores.keys import DEFAULT_PREFIX, Keys
 from stores.memory_store import Clock, ExpiringMap
 from stores.redis_store import lua
 
-# Looks up a session's status: None when the session is missing or expired.
-StatusOf = Callable[[str], Awaitable[str | None]]
+# Looks up a session: None when it is missing or expired.
+StatusOf = Callable[[str], Awaitable[StreamSession | None]]
+
+# What ``my_turn`` answers.
+HEAD, WAITING, NOT_QUEUED = 1, 0, -1
+RELAY_ON = "on"  # extra ``relay``: the stream was closed for WeCom's window, the relay still runs
 
 
 class TurnQueue(Protocol):
@@ -42,8 +49,8 @@ class TurnQueue(Protocol):
         """Append ``sid`` unless queued (one entry each), keep the queue ``ttl`` s; its 0-based position."""
         ...
 
-    async def my_turn(self, bot: str, scope: str, sid: str) -> bool:
-        """True iff ``sid`` is at the head, once heads whose session is missing or over are dropped."""
+    async def my_turn(self, bot: str, scope: str, sid: str, now: float | None = None) -> int:
+        """HEAD, WAITING or NOT_QUEUED for ``sid``, once heads whose relay is over are dropped."""
         ...
 
     async def leave(self, bot: str, scope: str, sid: str) -> None:
@@ -112,7 +119,7 @@ return position
 
 DROP_HEAD_LUA = """
 -- KEYS[1] turns list
--- ARGV[1] a head the caller found missing, done or error (over for good)
+-- ARGV[1] a head the caller found over for good (missing, or done/error with no live relay)
 -- returns 1 if ARGV[1] was still the head and was popped, else 0 (someone else moved the queue on)
 if redis.call('LINDEX', KEYS[1], 0) == ARGV[1] then
   redis.call('LPOP', KEYS[1])
@@ -124,7 +131,7 @@ return 0
 ACQUIRE_LUA = """
 -- KEYS[1] in-flight sorted set
 -- ARGV[1] stream id, ARGV[2] limit, ARGV[3] now, ARGV[4] ttl (seconds), ARGV[5] key ttl in milliseconds,
--- ARGV[6..] members the caller found missing, done or error (over for good)
+-- ARGV[6..] members the caller found over for good (missing, or done/error with no live relay)
 -- returns 1 if ARGV[1] holds a slot (it already did, or a slot was free), else 0; first removes those
 -- members and the ones admitted more than ttl before now; a member added meanwhile counts as live
 local now, ttl = tonumber(ARGV[3]), tonumber(ARGV[4])
@@ -148,12 +155,40 @@ return 1
 """
 
 
+RELAY_FIELDS = ("status", "x:relay", "x:beat")  # what a running check reads of a session hash
+
+
+def _fields_running(row: list[str | None], now: float, lease: float) -> bool:
+    """``relay_running`` on the RELAY_FIELDS of a session hash (all None when it is missing)."""
+    status, relay, beat = row
+    if status is None:
+        return False
+    if status not in TERMINAL:
+        return True
+    return relay == RELAY_ON and not now - _beat(beat) > lease
+
+
+def _beat(beat: str | None) -> float:
+    """A heartbeat's unix seconds; 0 (long stale) when missing or unreadable."""
+    try:
+        return float(beat) if beat else 0.0
+    except ValueError:
+        return 0.0
+
+
+async def _redis_running(client: Client, key: str, now: float, lease: float) -> bool:
+    """Whether the session hash ``key`` belongs to a relay that can still finish."""
+    row: list[str | None] = await client.hmget(key, RELAY_FIELDS)
+    return _fields_running(row, now, lease)
+
+
 class RedisTurnQueue:
     """Per-conversation turns as one Redis list each."""
 
-    def __init__(self, client: Client, keys: Keys) -> None:
+    def __init__(self, client: Client, keys: Keys, lease: float) -> None:
         self._client = client
         self._keys = keys
+        self._lease = lease
         self._join = register(client, lua(JOIN_LUA))
         self._drop_head = register(client, lua(DROP_HEAD_LUA))
 
@@ -167,17 +202,20 @@ class RedisTurnQueue:
         with redis_errors("turns join"):
             return int(await self._join(keys=[self.key(bot, scope)], args=[sid, px]))
 
-    async def my_turn(self, bot: str, scope: str, sid: str) -> bool:
-        """True iff ``sid`` is at the head, once heads whose session is missing or over are dropped."""
+    async def my_turn(self, bot: str, scope: str, sid: str, now: float | None = None) -> int:
+        """HEAD, WAITING or NOT_QUEUED for ``sid``, once heads whose relay is over are dropped."""
         key = self.key(bot, scope)
+        at = time.time() if now is None else now
         with redis_errors("turns my_turn"):
             while True:
                 head = await self._client.lindex(key, 0)
                 if head is None:
-                    return False
-                status = await self._client.hget(self._keys.stream(head), "status")
-                if status is not None and status not in TERMINAL:
-                    return bool(head == sid)
+                    return NOT_QUEUED
+                if await _redis_running(self._client, self._keys.stream(head), at, self._lease):
+                    if head == sid:
+                        return HEAD
+                    queued: list[str] = await self._client.lrange(key, 1, -1)
+                    return WAITING if sid in queued else NOT_QUEUED
                 # a message that can never finish would hold the turn forever: drop it if still the head
                 await self._drop_head(keys=[key], args=[head])
 
@@ -202,9 +240,10 @@ class RedisTurnQueue:
 class RedisInFlight:
     """Per-user in-flight messages as one Redis sorted set each."""
 
-    def __init__(self, client: Client, keys: Keys) -> None:
+    def __init__(self, client: Client, keys: Keys, lease: float) -> None:
         self._client = client
         self._keys = keys
+        self._lease = lease
         self._acquire = register(client, lua(ACQUIRE_LUA))
 
     def key(self, bot: str, user: str) -> str:
@@ -216,22 +255,21 @@ class RedisInFlight:
         px, key = ttl_ms(ttl), self.key(bot, user)
         with redis_errors("inflight acquire"):
             members: list[str] = await self._client.zrange(key, 0, -1)
-            running = await self._running(members)
+            running = await self._running(members, now)
             dead = [member for member in members if member not in running]
             args: list[EncodableT] = [sid, limit, repr(float(now)), repr(float(ttl)), px, *dead]
             return bool(await self._acquire(keys=[key], args=args))
 
-    async def _running(self, sids: list[str]) -> set[str]:
-        """Which of ``sids`` have a running session: read apart from the set, since the sessions live
-        in their scopes' slots (a cluster pipeline sends each node its share)."""
+    async def _running(self, sids: list[str], now: float) -> set[str]:
+        """Which of ``sids`` have a relay that can still finish: read apart from the set, since the
+        sessions live in their scopes' slots (a cluster pipeline sends each node its share)."""
         if not sids:
             return set()
         async with self._client.pipeline(transaction=False) as pipe:
             for sid in sids:
-                pipe.hget(self._keys.stream(sid), "status")
-            statuses = await pipe.execute()
-        return {sid for sid, status in zip(sids, statuses, strict=True)
-                if status is not None and status not in TERMINAL}
+                pipe.hmget(self._keys.stream(sid), RELAY_FIELDS)
+            rows = await pipe.execute()
+        return {sid for sid, row in zip(sids, rows, strict=True) if _fields_running(row, now, self._lease)}
 
     async def release(self, bot: str, user: str, sid: str) -> None:
         """Free the slot of ``sid``, if it holds one."""
@@ -243,16 +281,16 @@ class RedisInFlight:
         with redis_errors("inflight count"):
             admitted: list[tuple[str, float]] = await self._client.zrange(self.key(bot, user), 0, -1, withscores=True)
             recent = [sid for sid, since in admitted if not now - since > ttl]
-            return len(await self._running(recent))
+            return len(await self._running(recent, now))
 
 
 class RedisTurns:
     """Turns and in-flight limits shared by every process through ``client`` (not closed here)."""
 
-    def __init__(self, client: Client, keys: Keys | None = None) -> None:
+    def __init__(self, client: Client, keys: Keys | None = None, *, lease: float = 15.0) -> None:
         keys = keys or Keys(DEFAULT_PREFIX)
-        self.turns = RedisTurnQueue(client, keys)
-        self.inflight = RedisInFlight(client, keys)
+        self.turns = RedisTurnQueue(client, keys, lease)
+        self.inflight = RedisInFlight(client, keys, lease)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -266,26 +304,33 @@ _KEYS = Keys()  # the memory maps are keyed by the Redis key names
 def session_status(streams: StreamStore) -> StatusOf:
     """A ``status_of`` for MemoryTurns that reads sessions from ``streams``."""
 
-    async def status_of(sid: str) -> str | None:
-        found = await streams.get(sid)
-        return None if found is None else found.status
+    async def status_of(sid: str) -> StreamSession | None:
+        return await streams.get(sid)
 
     return status_of
 
 
-async def _running(status_of: StatusOf | None, sid: str) -> bool:
-    """Whether the session of ``sid`` can still finish (always, when sessions are not looked up)."""
+def relay_running(session: StreamSession | None, now: float, lease: float) -> bool:
+    """Whether a session's relay can still finish: running, or past WeCom's window with a fresh heartbeat."""
+    if session is None:
+        return False
+    return _fields_running([session.status, session.extra.get("relay"), session.extra.get("beat")], now, lease)
+
+
+async def _running(status_of: StatusOf | None, sid: str, now: float, lease: float) -> bool:
+    """Whether the relay of ``sid`` can still finish (always, when sessions are not looked up)."""
     if status_of is None:
         return True
-    status = await status_of(sid)
-    return status is not None and status not in TERMINAL
+    return relay_running(await status_of(sid), now, lease)
 
 
 class MemoryTurnQueue:
     """Per-conversation turns in a bounded, expiring dict."""
 
-    def __init__(self, status_of: StatusOf | None, max_entries: int, clock: Clock) -> None:
+    def __init__(self, status_of: StatusOf | None, max_entries: int, clock: Clock, lease: float) -> None:
         self._status_of = status_of
+        self._clock = clock
+        self._lease = lease
         self._queues: ExpiringMap[list[str]] = ExpiringMap(max_entries, clock)
 
     async def join(self, bot: str, scope: str, sid: str, ttl: float) -> int:
@@ -298,16 +343,20 @@ class MemoryTurnQueue:
         self._queues.put(key, queue, ttl)
         return queue.index(sid)
 
-    async def my_turn(self, bot: str, scope: str, sid: str) -> bool:
-        """True iff ``sid`` is at the head, once heads whose session is missing or over are dropped."""
+    async def my_turn(self, bot: str, scope: str, sid: str, now: float | None = None) -> int:
+        """HEAD, WAITING or NOT_QUEUED for ``sid``, once heads whose relay is over are dropped."""
         key = _KEYS.turns(bot, scope)
+        at = self._clock() if now is None else now
         while True:
             queue = self._queues.get(key)
             if not queue:
-                return False
+                return NOT_QUEUED
             head = queue[0]
-            if await _running(self._status_of, head):
-                return head == sid
+            if await _running(self._status_of, head, at, self._lease):
+                queue = self._queues.get(key) or []  # re-read: from here on nothing awaits
+                if queue and queue[0] == sid:
+                    return HEAD
+                return WAITING if sid in queue else NOT_QUEUED
             queue = self._queues.get(key)  # it may have changed while the status was looked up
             if queue and queue[0] == head:
                 del queue[0]
@@ -338,20 +387,21 @@ class MemoryTurnQueue:
 class MemoryInFlight:
     """Per-user in-flight messages in a bounded, expiring dict of admission times."""
 
-    def __init__(self, status_of: StatusOf | None, max_entries: int, clock: Clock) -> None:
+    def __init__(self, status_of: StatusOf | None, max_entries: int, clock: Clock, lease: float) -> None:
         self._status_of = status_of
+        self._lease = lease
         self._admitted: ExpiringMap[dict[str, float]] = ExpiringMap(max_entries, clock)
 
-    async def _dead(self, key: str) -> set[str]:
-        """The admitted sids whose session is missing or over."""
+    async def _dead(self, key: str, now: float) -> set[str]:
+        """The admitted sids whose relay is over."""
         admitted = self._admitted.get(key) or {}
-        return {sid for sid in list(admitted) if not await _running(self._status_of, sid)}
+        return {sid for sid in list(admitted) if not await _running(self._status_of, sid, now, self._lease)}
 
     async def acquire(self, bot: str, user: str, sid: str, limit: int, ttl: float, now: float) -> bool:
         """Admit ``sid`` (again, if already admitted) unless ``limit`` live messages hold slots."""
         _check_ttl(ttl)
         key = _KEYS.inflight(bot, user)
-        dead = await self._dead(key)
+        dead = await self._dead(key, now)
         admitted = self._admitted.get(key) or {}  # re-read: from here on nothing awaits
         for other, since in list(admitted.items()):
             if now - since > ttl or other in dead:
@@ -376,7 +426,7 @@ class MemoryInFlight:
     async def count(self, bot: str, user: str, now: float, *, ttl: float) -> int:
         """How many admitted messages are live at ``now``: admitted at most ``ttl`` s ago, session running."""
         key = _KEYS.inflight(bot, user)
-        dead = await self._dead(key)
+        dead = await self._dead(key, now)
         admitted = self._admitted.get(key) or {}
         return sum(1 for sid, since in admitted.items() if not now - since > ttl and sid not in dead)
 
@@ -390,9 +440,10 @@ class MemoryTurns:
         *,
         max_entries: int = 100_000,
         clock: Clock = time.time,
+        lease: float = 15.0,
     ) -> None:
-        self.turns = MemoryTurnQueue(status_of, max_entries, clock)
-        self.inflight = MemoryInFlight(status_of, max_entries, clock)
+        self.turns = MemoryTurnQueue(status_of, max_entries, clock, lease)
+        self.inflight = MemoryInFlight(status_of, max_entries, clock, lease)
 
 
 def _check_ttl(ttl: float) -> None:

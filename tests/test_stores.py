@@ -32,6 +32,7 @@ from stores import (
 )
 from stores.keys import Keys
 from stores.memory_store import ExpiringMap
+from stores.relay_store import MemoryRelayState, RedisRelayState, RelayState
 from tests.clock import FakeClock
 from tests.conftest import REDIS_MODES, redis_url_for
 from tests.harness import eventually
@@ -437,6 +438,57 @@ async def test_non_positive_ttl_is_refused(stores: AnyStores) -> None:
     with pytest.raises(ValueError):
         await stores.conversations.set("b", "u", "c", 0)
     assert await stores.streams.get("s1") is None
+
+
+# ------------------------------------------------------------------------------ response_url outbox
+
+def relay_state(stores: AnyStores) -> RelayState:
+    """The relay state that goes with ``stores``."""
+    if isinstance(stores, MemoryStores):
+        return MemoryRelayState(stores.streams)
+    return RedisRelayState(stores.client, stores.keys)
+
+
+@pytest.mark.gen_test
+async def test_relay_outbox_is_claimed_once_delivered_once_and_unlisted(stores: AnyStores) -> None:
+    relay = relay_state(stores)
+    for sid in ("s1", "s2"):
+        await stores.streams.create(session(sid), TTL)
+        # WeCom's window closed the stream while the relay goes on
+        assert await stores.streams.finish(sid, "node-a", DONE, "（回答较长）", {"relay": "on", "beat": repr(T0)}, T0)
+        await relay.track(sid, T0)
+    assert await relay.beat("s1", "node-a", T0 + 1)
+    assert not await relay.beat("s1", "node-b", T0 + 1)  # only its owner beats
+    assert await relay.claim("s1", "node-b", T0 + 5, LEASE, "中断") is None  # the relay is alive
+    assert await relay.finished("s1", "完整回答", T0 + 6)
+    assert await relay.claim("s1", "node-b", T0 + 7, LEASE, "中断") == "完整回答"
+    assert await relay.claim("s1", "node-c", T0 + 8, LEASE, "中断") is None  # node-b's claim is fresh
+    assert await relay.claim("s1", "node-c", T0 + 8 + LEASE, LEASE, "中断") == "完整回答"  # node-b died
+    # s2's relay stopped beating: it died mid-answer, the caller gets the interruption note
+    assert await relay.claim("s2", "node-c", T0 + LEASE + 1, LEASE, "中断") == "中断"
+    assert await relay.pending(T0 + 20) == ["s1", "s2"]
+    await relay.delivered("s1", True)
+    await relay.delivered("s2", False)
+    assert await relay.pending(T0 + 20) == []
+    s1, s2 = await stores.streams.get("s1"), await stores.streams.get("s2")
+    assert s1 is not None and s1.extra["relay"] == "delivered"
+    assert s2 is not None and s2.extra["relay"] == "failed"
+    assert await relay.claim("s1", "node-c", T0 + 60, LEASE, "中断") is None  # delivered once
+
+
+@pytest.mark.gen_test
+async def test_relay_listing_without_an_outbox_is_swept_away(stores: AnyStores) -> None:
+    relay = relay_state(stores)
+    assert not await relay.finished("gone", "回答", T0)  # no session: nothing listed
+    await relay.track("gone", T0)  # as if the outbox write never happened
+    await stores.streams.create(session("s1"), TTL)
+    await relay.track("s1", T0 + 1)
+    assert await relay.pending(T0 + 2) == ["gone", "s1"]
+    assert await relay.claim("gone", "node-b", T0 + 2, LEASE, "中断") is None
+    assert await relay.claim("s1", "node-b", T0 + 2, LEASE, "中断") is None  # a plain session: nothing to send
+    assert await relay.pending(T0 + 2) == []
+    await relay.track("s1", T0 + 3)
+    assert await relay.pending(T0 + 3 + 3601) == []  # past a response_url's validity
 
 
 # ------------------------------------------------------------------------------------------- expiry

@@ -21,7 +21,7 @@ from redis.crc import key_slot
 from laibao.errors import StoreError
 from stores import DONE, ERROR, MemoryStores, RedisStores, StreamSession, StreamStore
 from stores.keys import Keys, new_sid
-from stores.turns_store import MemoryTurns, RedisTurns, Turns, session_status
+from stores.turns_store import HEAD, NOT_QUEUED, WAITING, MemoryTurns, RedisTurns, Turns, session_status
 from tests.clock import FakeClock
 from tests.conftest import REDIS_MODES, redis_url_for
 from tests.harness import eventually
@@ -104,12 +104,12 @@ async def test_turns_follow_arrival_order_across_processes(cluster: Cluster) -> 
     assert await cluster.b.turns.join(BOT, SCOPE, "s2", TTL) == 1
     assert await cluster.a.turns.join(BOT, SCOPE, "s3", TTL) == 2
     for view in (cluster.a, cluster.b):
-        assert [await view.turns.my_turn(BOT, SCOPE, sid) for sid in ("s1", "s2", "s3")] == [True, False, False]
+        assert [await view.turns.my_turn(BOT, SCOPE, sid) for sid in ("s1", "s2", "s3")] == [HEAD, WAITING, WAITING]
     await cluster.a.turns.leave(BOT, SCOPE, "s1")  # s1's answer is complete
     for view in (cluster.a, cluster.b):
-        assert [await view.turns.my_turn(BOT, SCOPE, sid) for sid in ("s1", "s2", "s3")] == [False, True, False]
+        assert [await view.turns.my_turn(BOT, SCOPE, sid) for sid in ("s1", "s2", "s3")] == [NOT_QUEUED, HEAD, WAITING]
     await cluster.b.turns.leave(BOT, SCOPE, "s2")
-    assert await cluster.a.turns.my_turn(BOT, SCOPE, "s3")
+    assert await cluster.a.turns.my_turn(BOT, SCOPE, "s3") == HEAD
     assert await positions(cluster.b, "s1", "s2", "s3") == [None, None, 0]
 
 
@@ -124,7 +124,7 @@ async def test_join_is_idempotent(cluster: Cluster) -> None:
     assert await cluster.b.turns.join(BOT, SCOPE, "s3", TTL) == 2
     await cluster.a.turns.leave(BOT, SCOPE, "s1")
     assert await positions(cluster.a, "s1", "s2", "s3") == [None, 0, 1]
-    assert await cluster.b.turns.my_turn(BOT, SCOPE, "s2")
+    assert await cluster.b.turns.my_turn(BOT, SCOPE, "s2") == HEAD
 
 
 @pytest.mark.gen_test
@@ -135,11 +135,11 @@ async def test_heads_that_can_never_finish_are_dropped(cluster: Cluster) -> None
         await cluster.a.turns.join(BOT, SCOPE, sid, TTL)
     await cluster.end("s1", DONE)
     await cluster.end("s3", ERROR)
-    assert not await cluster.b.turns.my_turn(BOT, SCOPE, "s5")  # s4 is running: it keeps the turn
+    assert await cluster.b.turns.my_turn(BOT, SCOPE, "s5") == WAITING  # s4 is running: it keeps the turn
     assert await positions(cluster.a, "s1", "s2", "s3", "s4", "s5") == [None, None, None, 0, 1]
-    assert await cluster.b.turns.my_turn(BOT, SCOPE, "s4")
+    assert await cluster.b.turns.my_turn(BOT, SCOPE, "s4") == HEAD
     await cluster.end("s4", DONE)  # its relay crashed before leaving
-    assert await cluster.a.turns.my_turn(BOT, SCOPE, "s5")
+    assert await cluster.a.turns.my_turn(BOT, SCOPE, "s5") == HEAD
     assert await positions(cluster.b, "s4", "s5") == [None, 0]
 
 
@@ -149,7 +149,7 @@ async def test_a_dead_head_that_asks_gets_no_turn(cluster: Cluster) -> None:
     await cluster.a.turns.join(BOT, SCOPE, "s1", TTL)
     await cluster.a.turns.join(BOT, SCOPE, "s2", TTL)
     await cluster.end("s1")
-    assert not await cluster.a.turns.my_turn(BOT, SCOPE, "s1")
+    assert await cluster.a.turns.my_turn(BOT, SCOPE, "s1") == NOT_QUEUED
     assert await positions(cluster.a, "s1", "s2") == [None, 0]
 
 
@@ -167,10 +167,10 @@ async def test_leave_from_the_middle(cluster: Cluster) -> None:
     assert await positions(cluster.a, "s1", "s2", "s4") == [0, 1, 2]
     await cluster.a.turns.leave(BOT, SCOPE, "s1")
     await cluster.a.turns.leave(BOT, SCOPE, "s2")
-    assert await cluster.b.turns.my_turn(BOT, SCOPE, "s4")
+    assert await cluster.b.turns.my_turn(BOT, SCOPE, "s4") == HEAD
     await cluster.a.turns.leave(BOT, SCOPE, "s4")
     assert await positions(cluster.a, "s4") == [None]
-    assert not await cluster.a.turns.my_turn(BOT, SCOPE, "s4")
+    assert await cluster.a.turns.my_turn(BOT, SCOPE, "s4") == NOT_QUEUED
 
 
 @pytest.mark.gen_test
@@ -197,9 +197,33 @@ async def test_each_conversation_has_its_own_queue(cluster: Cluster) -> None:
     assert await cluster.a.turns.join(BOT, SCOPE, "s1", TTL) == 0
     assert await cluster.a.turns.join(BOT, "李四", "s2", TTL) == 0
     assert await cluster.a.turns.join("sales", SCOPE, "s3", TTL) == 0
-    assert await cluster.b.turns.my_turn(BOT, "李四", "s2")
-    assert await cluster.b.turns.my_turn("sales", SCOPE, "s3")
-    assert not await cluster.b.turns.my_turn(BOT, SCOPE, "s2")
+    assert await cluster.b.turns.my_turn(BOT, "李四", "s2") == HEAD
+    assert await cluster.b.turns.my_turn("sales", SCOPE, "s3") == HEAD
+    assert await cluster.b.turns.my_turn(BOT, SCOPE, "s2") == NOT_QUEUED
+
+
+@pytest.mark.gen_test
+async def test_a_stream_closed_for_the_window_keeps_its_turn_and_slot_while_its_relay_beats(
+    cluster: Cluster
+) -> None:
+    # WeCom's window closed s1's stream (done for WeCom) while Dify still streams it: the relay is on
+    await cluster.start("s1", "s2", "s3", "s4")
+    for sid in ("s1", "s2"):
+        await cluster.a.turns.join(BOT, SCOPE, sid, TTL)
+    for sid in ("s1", "s2", "s3"):
+        assert await cluster.a.inflight.acquire(BOT, USER, sid, LIMIT, TTL, T0)
+    assert await cluster.streams.finish("s1", "node-a", DONE, "（回答较长）", {"relay": "on", "beat": repr(T0)}, T0)
+    assert await cluster.b.turns.my_turn(BOT, SCOPE, "s2", T0 + 10) == WAITING
+    assert not await cluster.b.inflight.acquire(BOT, USER, "s4", LIMIT, TTL, T0 + 10)
+    assert await cluster.b.inflight.count(BOT, USER, T0 + 10, ttl=TTL) == 3
+    # its heartbeat went stale (the process died): neither the turn nor the slot is held any longer
+    assert await cluster.b.turns.my_turn(BOT, SCOPE, "s2", T0 + 16) == HEAD
+    assert await cluster.b.inflight.acquire(BOT, USER, "s4", LIMIT, TTL, T0 + 16)
+    # the relay's end frees them at once
+    assert await cluster.streams.finish("s2", "node-a", DONE, "", {"relay": "on", "beat": repr(T0 + 16)}, T0)
+    assert await cluster.a.turns.my_turn(BOT, SCOPE, "s2", T0 + 17) == HEAD
+    await cluster.streams.annotate("s2", {"relay": "over"})
+    assert await cluster.a.turns.my_turn(BOT, SCOPE, "s2", T0 + 17) == NOT_QUEUED
 
 
 # ---------------------------------------------------------------------------------------- in flight
@@ -368,8 +392,8 @@ async def test_memory_and_redis_agree_on_random_operations(
             assert results[0] == results[1], (step, op, sid, scope)
             seen.setdefault(op, set()).add(repr(results[0]))
         # the sequence reached both answers of every question, not just one
-        for op in ("my_turn", "acquire"):
-            assert seen[op] == {"True", "False"}, op
+        assert seen["my_turn"] == {"1", "0", "-1"}
+        assert seen["acquire"] == {"True", "False"}
         assert {"None", "0", "1"} <= seen["position"]
         assert {"0", "1", "2"} <= seen["count"]
         for scope in scopes:
@@ -385,8 +409,8 @@ async def test_memory_without_sessions_drops_nothing() -> None:
     turns = MemoryTurns()  # no session lookup: only leave, release and expiry end an entry
     await turns.turns.join(BOT, SCOPE, "s1", TTL)
     await turns.turns.join(BOT, SCOPE, "s2", TTL)
-    assert await turns.turns.my_turn(BOT, SCOPE, "s1")
-    assert not await turns.turns.my_turn(BOT, SCOPE, "s2")
+    assert await turns.turns.my_turn(BOT, SCOPE, "s1") == HEAD
+    assert await turns.turns.my_turn(BOT, SCOPE, "s2") == WAITING
     for sid in ("s1", "s2", "s3"):
         assert await turns.inflight.acquire(BOT, USER, sid, LIMIT, TTL, T0)
     assert not await turns.inflight.acquire(BOT, USER, "s4", LIMIT, TTL, T0)
@@ -397,7 +421,7 @@ async def test_memory_status_lookup_may_suspend() -> None:
     stores = MemoryStores()
     lookup = session_status(stores.streams)
 
-    async def slow_status(sid: str) -> str | None:
+    async def slow_status(sid: str) -> StreamSession | None:
         await asyncio.sleep(0.01)  # as a remote lookup would: other calls run meanwhile
         return await lookup(sid)
 
@@ -410,7 +434,7 @@ async def test_memory_status_lookup_may_suspend() -> None:
         assert await stores.streams.finish(sid, "n", DONE, "", {}, T0)
     # racing checks must drop each dead head once, never a live one
     verdicts = await asyncio.gather(*(turns.turns.my_turn(BOT, SCOPE, sid) for sid in sids * 2))
-    assert [sid for sid, mine in zip(sids * 2, verdicts, strict=True) if mine] == ["s4", "s4"]
+    assert [sid for sid, mine in zip(sids * 2, verdicts, strict=True) if mine == HEAD] == ["s4", "s4"]
     assert await positions(turns, *sids) == [None] * 4 + [0, 1, 2, 3]
     admitted = await asyncio.gather(*(turns.inflight.acquire(BOT, USER, sid, LIMIT, TTL, T0) for sid in sids[4:]))
     assert sorted(admitted) == [False, True, True, True]
@@ -449,7 +473,7 @@ async def test_redis_prefix_covers_the_sessions_read(redis_stores: RedisStores, 
         for sid in ("s1", "s2"):
             await turns.turns.join(BOT, SCOPE, sid, TTL)
             assert await turns.inflight.acquire(BOT, USER, sid, 1, TTL, T0)  # s2 only once s1 is dropped
-        assert await turns.turns.my_turn(BOT, SCOPE, "s2")
+        assert await turns.turns.my_turn(BOT, SCOPE, "s2") == HEAD
         assert await turns.inflight.count(BOT, USER, T0, ttl=TTL) == 1
         assert sorted(k for k in await staging.client.keys("staging:*") if ":stream:" not in k) == sorted([
             Keys("staging").inflight(BOT, USER), Keys("staging").turns(BOT, SCOPE)])
@@ -484,5 +508,5 @@ async def test_redis_down_is_a_store_error(redis_stores: RedisStores, redis_serv
     # the same client recovers once Redis is back (the restarted server is empty)
     await redis_stores.streams.create(StreamSession(sid="s3", bot=BOT, user=USER, owner="n"), TTL)
     assert await turns.turns.join(BOT, SCOPE, "s3", TTL) == 0
-    assert await turns.turns.my_turn(BOT, SCOPE, "s3")
+    assert await turns.turns.my_turn(BOT, SCOPE, "s3") == HEAD
     assert await turns.inflight.acquire(BOT, USER, "s3", LIMIT, TTL, T0)

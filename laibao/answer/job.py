@@ -14,10 +14,12 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from laibao import texts
+from laibao.answer.budget import ByteBudget
 from laibao.answer.difyapp import CHAT_MODES, DifyApp
+from laibao.answer.outbox import Outbox
 from laibao.answer.render import explain_failure, fit, render_answer
 from laibao.answer.retry import retrying
 from laibao.answer.tasks import AnswerTasks
@@ -29,7 +31,9 @@ from laibao.delivery import post_markdown
 from laibao.dify import error_label
 from laibao.errors import AuthError, DifyError, DifyHTTPError, StoreError
 from laibao.media import (
+    IMAGE_MAX_BYTES,
     MediaError,
+    MediaUnavailable,
     check_upload,
     download_wecom_media,
     file_ref,
@@ -41,10 +45,13 @@ from laibao.media import (
 from laibao.metrics import Metrics
 from laibao.outbound import Outbound
 from laibao.sse import MessageDelta, MessageEnd, MessageFile, MessageReplace
-from stores.base import DONE, ERROR, ConversationStore, StreamSession, StreamStore
-from stores.turns_store import InFlight, TurnQueue
+from laibao.wecom import MAX_CONTENT_BYTES
+from stores.base import DONE, ERROR, TERMINAL, ConversationStore, StreamSession, StreamStore
+from stores.relay_store import RELAY_ON, RelayState
+from stores.turns_store import HEAD, NOT_QUEUED, InFlight, TurnQueue, relay_running
 
 log = logging.getLogger("laibao.answer")
+T = TypeVar("T")
 
 CONVERSATION_GONE = "Conversation Not Exists"
 COMMAND_FIELD = "command"  # session extra of a deferred command (user not yet admitted): what to carry out
@@ -52,6 +59,9 @@ MAX_IMAGES = 10  # WeCom accepts at most 10 msg_item images on the finishing rep
 TURN_POLL = 0.2  # seconds between checks whether a queued message's turn has come
 ABANDONED_CHECK_EVERY = 25  # turn checks between looks at whether the head was abandoned (~5 s)
 FLAGS_BUDGET = 5.0  # seconds a /stop-flag read is retried: missing a /stop note must not hold an answer
+# What can ever be delivered: the stream's 20480 bytes and one response_url message of as many.
+DELIVERABLE_BYTES = 2 * MAX_CONTENT_BYTES
+CHECK_STEP = 4096  # characters of raw answer between two measurements of what it renders to
 
 
 @dataclass(frozen=True)
@@ -62,26 +72,64 @@ class WeComFiles:
     crypto: WeComCrypto
     max_bytes: int
     response_url_retries: int
+    budget: ByteBudget  # media bytes in memory on this process
+    media_deadline: float  # seconds for all of one answer's media (downloads and uploads, or images)
 
 
 class Transcript:
-    """The whole answer received so far (after any message_replace), for response_url and images."""
+    """The answer received so far (after any message_replace), kept only as far as it can be delivered.
 
-    def __init__(self) -> None:
+    What WeCom can ever show is the stream's 20480 bytes plus one response_url message of as many, so
+    once the rendered answer passes both, further text is dropped (``full``), and once it passes the
+    stream's part the store needs none of it (``stream_full``). The raw text (hidden reasoning
+    included) is never kept past ``max_raw`` characters' worth of bytes.
+    """
+
+    def __init__(self, think: str, max_raw: int) -> None:
+        self._think = think
+        self._max_raw = max_raw
         self._parts: list[str] = []
+        self._bytes = 0
+        self._next_check = MAX_CONTENT_BYTES
+        self.measured = 0  # how often the rendered size was measured (each one linear in the text)
+        self.stream_full = False
+        self.full = False
 
-    def add(self, text: str) -> None:
-        """Append a delta."""
-        self._parts.append(text)
+    def add(self, text: str) -> str:
+        """Append a delta; the part of it the stream still needs (all, some or none)."""
+        kept: list[str] = []
+        # Measured every CHECK_STEP characters, so a delta of megabytes is taken in pieces.
+        for start in range(0, len(text), CHECK_STEP):
+            if self.full:
+                break
+            piece = text[start:start + CHECK_STEP]
+            self._parts.append(piece)
+            if not self.stream_full:
+                kept.append(piece)
+            self._bytes += len(piece.encode("utf-8", "surrogatepass"))
+            if self._bytes >= self._next_check:
+                self._measure()
+        return "".join(kept)
 
-    def replace(self, text: str) -> None:
-        """Make ``text`` the whole answer."""
-        self._parts = [text]
+    def replace(self, text: str) -> str:
+        """Make ``text`` the whole answer; the part of it the stream needs."""
+        self._parts, self._bytes, self._next_check = [], 0, MAX_CONTENT_BYTES
+        self.stream_full = self.full = False
+        return self.add(text)
+
+    def _measure(self) -> None:
+        self._next_check = self._bytes + CHECK_STEP
+        self.measured += 1
+        shown = len(render_answer(self.text, self._think, final=False, cut=False)[0].encode("utf-8", "surrogatepass"))
+        self.stream_full = shown > MAX_CONTENT_BYTES
+        self.full = shown > DELIVERABLE_BYTES or self._bytes > self._max_raw
 
     @property
     def text(self) -> str:
-        """Everything so far."""
-        return "".join(self._parts)
+        """Everything kept."""
+        if len(self._parts) > 1:
+            self._parts = ["".join(self._parts)]
+        return self._parts[0] if self._parts else ""
 
 
 class Answers:
@@ -89,7 +137,8 @@ class Answers:
 
     def __init__(self, *, bot: BotConfig, app: DifyApp, streams: StreamStore, conversations: ConversationStore,
                  turns: TurnQueue, inflight: InFlight, files: WeComFiles, flusher: Flusher, tasks: AnswerTasks,
-                 metrics: Metrics, config: Config, clock: Callable[[], float] = time.time) -> None:
+                 metrics: Metrics, config: Config, relay: RelayState, outbox: Outbox,
+                 clock: Callable[[], float] = time.time) -> None:
         self.bot = bot
         self.app = app
         self.streams = streams
@@ -101,6 +150,8 @@ class Answers:
         self.tasks = tasks
         self.metrics = metrics
         self.config = config
+        self.relay = relay
+        self.outbox = outbox
         self.clock = clock
         # Set by the bot's service: carries out a deferred command (COMMAND_FIELD) after a takeover.
         self.resume_command: Callable[[StreamSession], Coroutine[Any, Any, None]] | None = None
@@ -142,7 +193,8 @@ class AnswerJob:
     def __init__(self, answers: Answers, session: StreamSession, writer: StreamWriter) -> None:
         self.session = session
         self.writer = writer
-        self.transcript = Transcript()
+        self.transcript = Transcript(answers.bot.think, answers.config.max_answer_bytes)
+        self.asked = False  # the message reached its turn (and Dify)
         # What every job of the bot shares, named here once rather than reached through chains.
         self.bot = answers.bot
         self.app = answers.app
@@ -153,6 +205,8 @@ class AnswerJob:
         self.files = answers.files
         self.metrics = answers.metrics
         self.config = answers.config
+        self.relay = answers.relay
+        self.outbox = answers.outbox
         self.clock = answers.clock
         self.send_markdown = answers.send_markdown
 
@@ -170,6 +224,9 @@ class AnswerJob:
             self.metrics.answer.observe(time.monotonic() - started)
         except OwnershipLost:
             log.warning("stream %s: another process owns it now; this answer stops", session.sid)
+        except Unanswerable as exc:
+            log.warning("stream %s: not answered: %s", session.sid, exc.reason)
+            await self._fail(exc.message)
         except (DifyError, MediaError, AuthError) as exc:
             if isinstance(exc, DifyError):
                 self.metrics.dify_errors.labels(self.bot.key, error_label(exc)).inc()
@@ -197,6 +254,9 @@ class AnswerJob:
     async def _answer(self) -> None:
         session, writer = self.session, self.writer
         waited = await self._wait_turn()
+        if waited is None:
+            return  # its session vanished or ended while it waited: the user was told, if possible
+        self.asked = True
         # A /stop reaches the head of the queue only: one that came while this message waited is seen
         # here; one that comes later is seen once Dify's task id is recorded.
         if waited and (await self._flags()).get("stop"):
@@ -204,54 +264,88 @@ class AnswerJob:
             return
         credential = await self.app.credential(session.user)
         mode = await self.app.mode()
-        files = await self._files(credential)
+        files = await self._media_step(self._files(credential))
         end, files_out = await self._ask(credential, mode, files)
         flags = await self._flags()
         note = ("\n\n" + texts.STOPPED_NOTE) if flags.get("stop") else ""
+        if self.transcript.full:
+            log.warning("stream %s: answer cut at what WeCom can show", session.sid)
         answer = self.transcript.text + note
         _, rest = render_answer(answer, self.bot.think, final=True)
         fields = {"conversation_id": end.conversation_id, "message_id": end.message_id, "task_id": end.task_id}
         # Only links to Dify's own files: a link the model wrote must not make laibao fetch internal hosts.
         linked = [url for url in image_links(self.transcript.text) if self.app.client.is_own_url(url)]
-        items = await self._images(files_out + linked)
+        try:
+            items = await self._media_step(self._images(files_out + linked))
+        except MediaUnavailable as exc:
+            log.warning("stream %s: images left out: %s", session.sid, exc)
+            items = []
         if items:
             fields["items"] = json.dumps(items)
-        offline = writer.closed  # WeCom's window closed before the answer was complete
-        await writer.finish(DONE, note, fields)
         if end.conversation_id and mode in CHAT_MODES:
+            # Before the finish: the conversation's next message may start the moment this one is over.
             await retrying(lambda: self.conversations.set(self.bot.key, session.scope, end.conversation_id,
                                                           self.bot.conversation_ttl),
                            f"stream {session.sid} conversation")
-        if offline:
-            await self._deliver(think_blocks(answer, self.bot.think, final=True))
-        elif rest:
-            await self._deliver(rest)
+        # False when WeCom's window closed the stream first: the whole answer goes via response_url.
+        shown = await writer.finish(DONE, note, fields)
+        await self._hand_over(rest if shown else think_blocks(answer, self.bot.think, final=True))
 
-    async def _wait_turn(self) -> bool:
+    async def _media_step(self, step: Awaitable[T]) -> T:
+        """``step`` within the media deadline: a slow WeCom or Dify file host cannot hold the answer."""
+        try:
+            async with asyncio.timeout(self.files.media_deadline):
+                return await step
+        except TimeoutError as exc:
+            raise MediaUnavailable(f"media took longer than {self.files.media_deadline:g} s") from exc
+
+    async def _wait_turn(self) -> bool | None:
         """Messages of one conversation reach Dify one at a time, in arrival order, across processes.
 
-        True if the message had to wait for its turn (it was not at the head of its queue at once).
+        False if the message was at the head of its queue at once, True once its turn came after a
+        wait; None if its session vanished or ended meanwhile (the user is told via response_url);
+        raises Unanswerable past LAIBAO_TURN_WAIT.
         """
         bot, scope, sid = self.bot.key, self.session.scope, self.session.sid
         position = await retrying(lambda: self.turns.join(bot, scope, sid, self.config.stream_ttl),
                                   f"stream {sid} turns")
         if position == 0:
             return False  # at the head already: no second round trip to ask
+        deadline = self.clock() + self.config.turn_wait
         # Polled, not notified: the message ahead may be relayed by another process.
         checks = 0
-        while not await retrying(lambda: self.turns.my_turn(bot, scope, sid), f"stream {sid} turns"):
+        while True:
+            state = await retrying(lambda: self.turns.my_turn(bot, scope, sid, self.clock()), f"stream {sid} turns")
+            if state == HEAD:
+                return True
+            if state == NOT_QUEUED:
+                # The queue or this session vanished (eviction, failover, FLUSHALL), or the session ended.
+                mine = await retrying(lambda: self.streams.get(sid), f"stream {sid} turns")
+                if mine is None:
+                    log.warning("stream %s: its session vanished while it waited for its turn", sid)
+                    await self._tell(texts.LOST)
+                    return None
+                if not relay_running(mine, self.clock(), self.config.lease):
+                    log.warning("stream %s: ended while it waited for its turn", sid)
+                    return None
+                log.warning("stream %s: its turn queue vanished; queued again", sid)
+                await retrying(lambda: self.turns.join(bot, scope, sid, self.config.stream_ttl),
+                               f"stream {sid} turns")
+            if self.clock() > deadline:
+                raise Unanswerable(texts.TURN_TIMEOUT, f"no turn within {self.config.turn_wait:g} s")
             checks += 1
             if checks % ABANDONED_CHECK_EVERY == 1:  # at once, then every few seconds
                 await retrying(self._drop_abandoned_head, f"stream {sid} turns")
             await asyncio.sleep(TURN_POLL)
-        return True
 
     async def _drop_abandoned_head(self) -> None:
         """Unblock a conversation whose head died after WeCom stopped polling it (nobody will take it over)."""
         head = await self.turns.head(self.bot.key, self.session.scope)
         ahead = await self.streams.get(head) if head else None
         now = self.clock()
-        if ahead is not None and now > ahead.deadline and now - ahead.heartbeat > self.config.lease:
+        if ahead is None or ahead.status in TERMINAL:
+            return  # closed for the window: MY_TURN judges it by its relay's own heartbeat (x:beat)
+        if now > ahead.deadline and now - ahead.heartbeat > self.config.lease:
             log.warning("stream %s: abandoned by %s after WeCom's window; dropped from its queue",
                         ahead.sid, ahead.owner or "(released)")
             await self.turns.leave(self.bot.key, self.session.scope, ahead.sid)
@@ -259,6 +353,8 @@ class AnswerJob:
     async def _leave(self) -> None:
         session = self.session
         try:
+            # Relay over: turns and admission are free for the next message (before the queue entry goes).
+            await retrying(lambda: self.relay.end(session.sid), f"stream {session.sid} leave", budget=10.0)
             await retrying(lambda: self.turns.leave(self.bot.key, session.scope, session.sid),
                            f"stream {session.sid} leave", budget=10.0)
             await retrying(lambda: self.inflight.release(self.bot.key, session.user, session.sid),
@@ -293,13 +389,16 @@ class AnswerJob:
         for item in media:
             # Long-connection mode encrypts each item with its own aeskey; callbacks with the bot's key.
             crypto = media_item_crypto(item["aeskey"]) if item.get("aeskey") else self.files.crypto
-            data = await download_wecom_media(self.files.http, item["url"], crypto, self.files.max_bytes,
-                                              timeout=30.0)
-            kind = sniff(data, item.get("kind", ""))
-            dify_type = check_upload(kind, len(data), parameters)
-            upload = await self.app.client.upload_file(data, kind.filename(f"wecom-{len(files) + 1}"),
-                                                       kind.mime_type,
-                                                       self.app.dify_user(session.user, session.chat), bearer)
+            # Encrypted copy, plaintext and upload body: about three times the file at once.
+            async with self.files.budget.hold(3 * self.files.max_bytes):
+                data = await download_wecom_media(self.files.http, item["url"], crypto, self.files.max_bytes,
+                                                  timeout=30.0)
+                kind = sniff(data, item.get("kind", ""))
+                dify_type = check_upload(kind, len(data), parameters)
+                upload = await self.app.client.upload_file(data, kind.filename(f"wecom-{len(files) + 1}"),
+                                                           kind.mime_type,
+                                                           self.app.dify_user(session.user, session.chat), bearer)
+                del data
             files.append(file_ref(dify_type, upload))
         await retrying(lambda: self.streams.annotate(session.sid, {"files": json.dumps(files)}),
                        f"stream {session.sid} files")
@@ -351,11 +450,9 @@ class AnswerJob:
                     task_seen = True
                     await self._note_task(event.task_id, mode, bearer)
                 if isinstance(event, MessageDelta):
-                    self.transcript.add(event.answer)
-                    writer.add(event.answer)
+                    writer.add(self.transcript.add(event.answer))
                 elif isinstance(event, MessageReplace):
-                    self.transcript.replace(event.answer)
-                    await writer.replace(event.answer)
+                    await writer.replace(self.transcript.replace(event.answer))
                 elif isinstance(event, MessageFile) and event.file_type == "image" and event.url:
                     images.append(event.url)
                 elif isinstance(event, MessageEnd):
@@ -378,13 +475,18 @@ class AnswerJob:
         """WeCom msg_item images for the answer's generated images (JPG/PNG, at most 10)."""
         items = []
         for url in urls[:MAX_IMAGES]:
-            item = await image_item(self.app.client.fetch, url)
+            # Raw image, its base64 and the JSON around it.
+            async with self.files.budget.hold(3 * IMAGE_MAX_BYTES):
+                item = await image_item(self.app.client.fetch, url)
             if item is not None:
                 items.append(item)
         return items
 
-    async def _deliver(self, content: str) -> None:
-        """Send ``content`` through the message's response_url (once), or the bot's long connection."""
+    async def _hand_over(self, content: str) -> None:
+        """Leave ``content`` for the response_url where any process can deliver it, then deliver it (once).
+
+        In long-connection mode there is no response_url: the bot's connection sends it.
+        """
         session = self.session
         if self.send_markdown is not None and content.strip():
             # Long-connection mode: no response_url; the bot's connection sends it, wherever it is held.
@@ -394,22 +496,43 @@ class AnswerJob:
             return
         # One response_url message holds 20480 bytes too, and it can be used only once.
         content, _ = fit(content, texts.TRUNCATED_NOTE)
-        delivered = await post_markdown(self.files.http, session.response_url, content,
-                                        retries=self.files.response_url_retries)
-        log.log(logging.INFO if delivered else logging.ERROR, "stream %s: response_url delivery %s",
-                session.sid, "done" if delivered else "failed")
+        if await retrying(lambda: self.relay.finished(session.sid, content, self.clock()),
+                          f"stream {session.sid} outbox"):
+            await self.outbox.deliver(session.sid, session.response_url)
+        else:
+            await self._tell(content)  # the session vanished: nobody else could deliver it anyway
+
+    async def _tell(self, content: str) -> None:
+        """Post ``content`` to the response_url directly (the session is gone, so no claim is possible)."""
+        session = self.session
+        if self.send_markdown is not None:
+            await self.send_markdown(session, content)
+        elif session.response_url:
+            delivered = await post_markdown(self.files.http, session.response_url, content,
+                                            retries=self.files.response_url_retries)
+            log.log(logging.INFO if delivered else logging.ERROR, "stream %s: response_url note %s",
+                    session.sid, "done" if delivered else "failed")
 
     async def _watch_window(self) -> None:
-        """Close the stream shortly before WeCom stops polling; the full answer follows via response_url."""
+        """Close the stream shortly before WeCom stops polling; the answer follows via response_url.
+
+        The session is then ``done`` for WeCom but its relay is ``on``: turns and admission go on
+        counting it until the relay itself ends.
+        """
         closes = self.session.created + self.config.stream_window - self.config.window_margin
         await asyncio.sleep(max(0.0, closes - self.clock()))
         if self.writer.closed:
             return
+        sid = self.session.sid
+        note = texts.WINDOW_NOTE if self.asked else texts.QUEUED_NOTE
+        tail = ("\n\n" + note) if self.writer.has_text else note
+        now = self.clock()
         try:
-            await self.writer.finish(DONE, "\n\n" + texts.WINDOW_NOTE, {})
-            log.info("stream %s: WeCom's window closes; the rest follows via response_url", self.session.sid)
+            await retrying(lambda: self.relay.track(sid, now), f"stream {sid} window")
+            if await self.writer.finish(DONE, tail, {"relay": RELAY_ON, "beat": repr(now)}):
+                log.info("stream %s: WeCom's window closes; the rest follows via response_url", sid)
         except (StoreError, OwnershipLost) as exc:
-            log.warning("stream %s: could not close the stream before the window: %s", self.session.sid, exc)
+            log.warning("stream %s: could not close the stream before the window: %s", sid, exc)
 
     async def _release(self) -> None:
         sid = self.session.sid
@@ -420,10 +543,12 @@ class AnswerJob:
             log.error("stream %s: could not release (taken over after the lease): %s", sid, exc)
 
     async def _fail(self, message: str) -> None:
-        """End the stream with a short explanation after whatever was already shown."""
+        """End the stream with a short explanation after whatever was already shown (or via response_url)."""
         tail = ("\n\n" + message) if self.writer.has_text else message
         try:
-            await self.writer.finish(ERROR, tail, {})
+            if not await self.writer.finish(ERROR, tail, {}):
+                # WeCom's window closed the stream: the explanation must follow like an answer would.
+                await self._hand_over(message)
         except (StoreError, OwnershipLost) as exc:
             log.error("stream %s: could not record the failure: %s", self.session.sid, exc)
 
@@ -433,14 +558,24 @@ class AnswerJob:
         Every text write refreshes it too, so a streaming answer needs no separate call.
         """
         period = self.config.lease / 3
-        sid = self.session.sid
+        sid, node = self.session.sid, self.config.node
         while True:
             await asyncio.sleep(period)
-            if time.monotonic() - self.writer.last_write < period:
+            if time.monotonic() - self.writer.last_write < period and not self.writer.closed:
                 continue
             try:
-                if not await self.streams.heartbeat(sid, self.config.node, self.clock()):
+                # Past WeCom's window the stream is closed: the relay's own heartbeat keeps its turn.
+                if not (await self.streams.heartbeat(sid, node, self.clock())
+                        or await self.relay.beat(sid, node, self.clock())):
                     return
             except StoreError as exc:
                 log.warning("stream %s: heartbeat failed: %s", sid, exc)
 
+
+class Unanswerable(Exception):
+    """The message cannot be answered; ``message`` tells the user why."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(reason)
+        self.message = message
+        self.reason = reason

@@ -12,15 +12,15 @@ from laibao.media import MediaError, MediaTooLarge, MediaUnsupported, split_for_
 from laibao.wecom import MAX_CONTENT_BYTES
 
 
-def render_answer(text: str, think: str, final: bool) -> tuple[str, str]:
+def render_answer(text: str, think: str, final: bool, cut: bool = True) -> tuple[str, str]:
     """(what the stream shows, what must follow via response_url) for an answer's raw text.
 
     Reasoning is shown as WeCom's <think> or hidden; an answer over 20480 UTF-8 bytes shows its first
-    part with a note saying the rest follows.
+    part with a note saying the rest follows (``cut=False``: the whole rendered text, nothing after).
     """
     # Every reasoning form starts with "<": most answers skip the parser (this runs on every poll).
     content = think_blocks(text, think, final=final) if "<" in text else text
-    return fit(content, texts.OVERFLOW_NOTE)
+    return fit(content, texts.OVERFLOW_NOTE) if cut else (content, "")
 
 
 def fit(content: str, note: str) -> tuple[str, str]:

@@ -81,10 +81,13 @@ class StreamWriter:
         self._replace_next = True
         self._flusher.mark(self)
 
-    async def finish(self, status: str, tail: str, fields: Mapping[str, str], budget: float = 60.0) -> None:
-        """Write what is pending plus ``tail`` and mark the session ``status``, retried for ``budget`` s."""
+    async def finish(self, status: str, tail: str, fields: Mapping[str, str], budget: float = 60.0) -> bool:
+        """Write what is pending plus ``tail`` and mark the session ``status``, retried for ``budget`` s.
+
+        False (nothing written) if the stream was already closed, e.g. by WeCom's window.
+        """
         if self.closed:
-            return
+            return False
         if self.lost:
             raise OwnershipLost(self.sid)
         # Closed before the first await: a delta arriving meanwhile must not follow the final write.
@@ -104,6 +107,7 @@ class StreamWriter:
         self._done_write(ok, replace=False, counted=bool(text) and status == DONE)
         if self.lost:
             raise OwnershipLost(self.sid)
+        return True
 
     # -- the Flusher's side ----------------------------------------------------------------------
 
