@@ -11,7 +11,7 @@ import asyncio
 import base64
 import logging
 from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -203,13 +203,22 @@ async def test_no_secret_or_token_in_the_logs(secured: Secured, caplog: pytest.L
 def token_cluster(
     io_loop: IOLoop, mysql_url: str, redis_url: str, tmp_path: Path
 ) -> Iterator[tuple[Cluster, AuthStub]]:
+    # DEBUG: the tests watch the processes hear invalidations
+    with auth_cluster(io_loop, mysql_url, redis_url, tmp_path, LAIBAO_LOG_LEVEL="DEBUG") as running:
+        yield running
+
+
+@contextmanager
+def auth_cluster(io_loop: IOLoop, mysql_url: str, redis_url: str, tmp_path: Path, delay: float = 0.0,
+                 **env: str) -> Iterator[tuple[Cluster, AuthStub]]:
+    """Two processes in token mode, and the auth stand-in answering after ``delay`` seconds."""
     seed_users(io_loop, mysql_url)
     auth = AuthStub(accounts=ACCOUNTS)
+    auth.answer.delay = delay
     io_loop.run_sync(auth.start)
     settings = {f"LAIBAO_{k.upper()}": v for k, v in auth_settings(auth, mysql_url, "token").items()}
-    settings["LAIBAO_LOG_LEVEL"] = "DEBUG"  # the tests watch the processes hear invalidations
     try:
-        with running_cluster(io_loop, redis_url, tmp_path, **settings) as cluster:
+        with running_cluster(io_loop, redis_url, tmp_path, **settings, **env) as cluster:
             yield cluster, auth
     finally:
         io_loop.run_sync(auth.stop)
@@ -287,16 +296,8 @@ def stalling_cluster(
     io_loop: IOLoop, mysql_url: str, redis_url: str, tmp_path: Path
 ) -> Iterator[tuple[Cluster, AuthStub]]:
     """Two processes in token mode (sign-in timeout 1 s) in front of an auth service that stalls 10 s."""
-    seed_users(io_loop, mysql_url)
-    auth = AuthStub(accounts=ACCOUNTS)
-    auth.answer.delay = 10.0
-    io_loop.run_sync(auth.start)
-    settings = {f"LAIBAO_{k.upper()}": v for k, v in auth_settings(auth, mysql_url, "token").items()}
-    try:
-        with running_cluster(io_loop, redis_url, tmp_path, **settings) as cluster:
-            yield cluster, auth
-    finally:
-        io_loop.run_sync(auth.stop)
+    with auth_cluster(io_loop, mysql_url, redis_url, tmp_path, delay=10.0) as running:
+        yield running
 
 
 @pytest.mark.slow
