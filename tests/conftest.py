@@ -13,6 +13,7 @@ from tornado.httpclient import AsyncHTTPClient
 from laibao.outbound import HostAllowlist, Outbound
 from tests.difystub import DifyStub
 from tests.servers import MariaDBServer, RedisCluster, RedisSentinelSet, RedisServer
+from tests.wecomstub import ResponseUrlStub
 
 # Hypothesis fails an example that takes over 200 ms by default; on two busy cores a crypto or SSE
 # example can, so no property test in this suite has a per-example deadline. The suite's examples are
@@ -105,6 +106,15 @@ def mysql_url(mariadb_server: MariaDBServer) -> Iterator[str]:
     database = mariadb_server.create_database()
     yield mariadb_server.url(database)
     mariadb_server.drop_database(database)
+
+
+@pytest.fixture
+def responses(io_loop: tornado.ioloop.IOLoop) -> Iterator[ResponseUrlStub]:
+    """WeCom's response_url endpoint, on this test's loop."""
+    stub = ResponseUrlStub()
+    io_loop.run_sync(stub.start)
+    yield stub
+    io_loop.run_sync(stub.stop)
 
 
 @pytest.fixture

@@ -40,15 +40,6 @@ def svc(request: pytest.FixtureRequest, io_loop: IOLoop) -> Iterator[Service]:
         yield service
 
 
-@pytest.fixture
-def responses(io_loop: IOLoop) -> Iterator[ResponseUrlStub]:
-    """WeCom's response_url endpoint."""
-    stub = ResponseUrlStub()
-    io_loop.run_sync(stub.start)
-    yield stub
-    io_loop.run_sync(stub.stop)
-
-
 async def answer(svc: Service, payload: dict[str, Any]) -> list[dict[str, Any]]:
     """Send a message callback and follow its polls; every stream reply, the first included."""
     first = await svc.wecom.stream(payload)

@@ -51,15 +51,6 @@ def redis_svc(request: pytest.FixtureRequest, io_loop: IOLoop, redis_url: str) -
         yield service
 
 
-@pytest.fixture
-def responses(io_loop: IOLoop) -> Iterator[ResponseUrlStub]:
-    """WeCom's response_url endpoint."""
-    stub = ResponseUrlStub()
-    io_loop.run_sync(stub.start)
-    yield stub
-    io_loop.run_sync(stub.stop)
-
-
 async def answer(svc: Service, payload: dict[str, Any], wecom: WeCom | None = None) -> list[dict[str, Any]]:
     """Send a message callback and follow its polls; every stream reply, the first included."""
     wecom = wecom or svc.wecom

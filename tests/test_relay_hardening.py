@@ -46,15 +46,6 @@ def redis_svc(request: pytest.FixtureRequest, io_loop: IOLoop, redis_url: str) -
         yield service
 
 
-@pytest.fixture
-def responses(io_loop: IOLoop) -> Iterator[ResponseUrlStub]:
-    """WeCom's response_url endpoint."""
-    stub = ResponseUrlStub()
-    io_loop.run_sync(stub.start)
-    yield stub
-    io_loop.run_sync(stub.stop)
-
-
 async def to_the_end(svc: Service, payload: dict[str, Any]) -> list[dict[str, Any]]:
     """Send a message and poll it until WeCom's last reply; every stream reply."""
     first = await svc.wecom.stream(payload)
