@@ -453,6 +453,7 @@ class Exchange:
         self._outcome: asyncio.Future[HTTPResponse] | None = None
         self._stream: IOStream | None = None
         self._last_activity = self._loop.time()
+        self._idle_timer: asyncio.TimerHandle | None = None
         self._aborted = False
         self.connected = False
         self.status = 0
@@ -513,14 +514,14 @@ class Exchange:
                 # Connecting (or queued behind max_clients): Tornado's connect_timeout bounds this.
                 await self._wake.wait()
                 continue
-            remaining = self._last_activity + self.idle_timeout - self._loop.time()
-            if remaining <= 0:
+            deadline = self._last_activity + self.idle_timeout
+            if deadline <= self._loop.time():
                 raise UpstreamTimeout("idle", self.idle_timeout)
-            try:
-                async with asyncio.timeout(remaining):
-                    await self._wake.wait()
-            except TimeoutError:
-                pass  # checked again at the top: a byte may have arrived just in time
+            if self._idle_timer is None:
+                # One timer per idle period, not one per wait (a stream waits once per delta): when it
+                # fires, the check above runs again and re-arms it from the latest activity.
+                self._idle_timer = self._loop.call_at(deadline, self._idle_check)
+            await self._wake.wait()
         chunk = b"".join(self._chunks)
         self._chunks.clear()
         self._buffered = 0
@@ -567,7 +568,14 @@ class Exchange:
         self._drained = None
         self._last_activity = self._loop.time()
 
+    def _idle_check(self) -> None:
+        self._idle_timer = None
+        self._wake.set()
+
     def _on_outcome(self, outcome: asyncio.Future[HTTPResponse]) -> None:
         if not outcome.cancelled():
             outcome.exception()  # retrieved here, so an abandoned fetch never logs "never retrieved"
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
         self._wake.set()
