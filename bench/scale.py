@@ -10,7 +10,10 @@ answer Dify sent), message and poll latency, visible lag (at each poll, the age 
 had sent before the poll that the reply does not show yet; 0 when laibao keeps up), RSS and CPU of the
 laibao processes, Redis commands per answer and Redis memory.
 
-    python bench/scale.py N [--deltas 40] [--spacing 0.25] [--ramp 5] [--profile out.txt]
+The load generator and the stand-in run on uvloop, so that as much of the shared CPU as possible is
+left to the processes under test; the report gives the CPU each of them used.
+
+    python bench/scale.py N [--deltas 40] [--spacing 0.25] [--ramp 5] [--timeline] [--profile out.txt [--native]]
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
+
+import uvloop
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -286,6 +291,15 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(len(ordered) * q))]
 
 
+def poll_p99_by_second(outcomes: list[Outcome], start: float) -> list[float]:
+    """p99 poll latency (ms) of the polls sent in each second of the run."""
+    buckets: dict[int, list[float]] = {}
+    for outcome in outcomes:
+        for sent_at, latency, _ in outcome.polls:
+            buckets.setdefault(int(sent_at - start), []).append(latency)
+    return [round(pct(buckets.get(second, []), 0.99) * 1000) for second in range(max(buckets, default=-1) + 1)]
+
+
 def visible_lags(outcomes: list[Outcome], sent: dict[str, list[float]]) -> list[float]:
     """At each poll: how long the oldest delta Dify had sent before it, and the reply lacks, had been sent."""
     lags = []
@@ -295,6 +309,16 @@ def visible_lags(outcomes: list[Outcome], sent: dict[str, list[float]]) -> list[
             sent_before = bisect.bisect_right(times, sent_at)
             lags.append(sent_at - times[shown] if shown < sent_before else 0.0)
     return lags
+
+
+async def sample_cpu(pids: list[int], timeline: list[list[float]]) -> None:
+    """Append each second's CPU share of each of ``pids`` to ``timeline`` until cancelled."""
+    last = [cpu_seconds(pid) for pid in pids]
+    while True:
+        await asyncio.sleep(1.0)
+        now = [cpu_seconds(pid) for pid in pids]
+        timeline.append([round(b - a, 2) for a, b in zip(last, now, strict=True)])
+        last = now
 
 
 async def fetch_json(port: int, path: str) -> Any:
@@ -320,7 +344,7 @@ async def metric_value(port: int, name: str) -> float:
 
 
 async def run_load(args: argparse.Namespace, crypto: WeComCrypto, ports: list[int], pids: list[int],
-                   redis_port: int, dify_port: int) -> dict[str, Any]:
+                   redis_port: int, dify_port: int, dify_pid: int) -> dict[str, Any]:
     pools = [Pool(port, args.connections) for port in ports]
     wecom = WeCom(crypto, pools, args.deltas, args.poll, give_up=args.give_up)
     for pool in pools:  # warm-up, not measured: connections, first requests through each process
@@ -328,20 +352,29 @@ async def run_load(args: argparse.Namespace, crypto: WeComCrypto, ports: list[in
             await wecom.call(pool, {"msgid": uuid.uuid4().hex, "aibotid": "AIBOT", "chattype": "single",
                                     "from": {"userid": "warm"}, "msgtype": "stream", "stream": {"id": "warm-up"}})
     cpu0 = [cpu_seconds(pid) for pid in pids]
+    started_wall = time.time()
     own0 = cpu_seconds(os.getpid())
+    dify0 = cpu_seconds(dify_pid)
     info0 = redis_info(redis_port)
     started = time.monotonic()
     profiler = None
     if args.profile:
         pyspy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
-        command = [pyspy, "record", "-r", "200", "-d", str(args.profile_seconds), "--nonblocking", "-f", "raw",
+        # --native needs the process paused while sampled: py-spy refuses it with --nonblocking.
+        mode = ["--native"] if args.native else ["--nonblocking"]
+        command = [pyspy, "record", "-r", "200", "-d", str(args.profile_seconds), "-f", "raw", *mode,
                    "-o", args.profile, "-p", str(pids[0])]
         profiler = subprocess.Popen(command, stdout=subprocess.DEVNULL,  # noqa: ASYNC220 - once, before the load
                                     stderr=subprocess.DEVNULL)
+    timeline: list[list[float]] = []  # per second: CPU share of each laibao process, the player, Dify
+    sampler = asyncio.ensure_future(sample_cpu([*pids, os.getpid(), dify_pid], timeline)) if args.timeline else None
     outcomes = await asyncio.gather(*(wecom.user(user, user * args.ramp / args.users) for user in range(args.users)))
     elapsed = time.monotonic() - started
+    if sampler is not None:
+        sampler.cancel()
     cpu = [cpu_seconds(pid) - c for pid, c in zip(pids, cpu0, strict=True)]
     own = cpu_seconds(os.getpid()) - own0
+    dify_cpu = cpu_seconds(dify_pid) - dify0
     info = redis_info(redis_port)
     sent = await fetch_json(dify_port, "/times")
     cap_hits = [await metric_value(port, "laibao_relay_cap_hits_total") for port in ports]
@@ -375,10 +408,14 @@ async def run_load(args: argparse.Namespace, crypto: WeComCrypto, ports: list[in
         "cpu_s": [round(c, 2) for c in cpu],
         "cpu_ms_per_answer": round(sum(cpu) / args.users * 1000, 1),
         "wecom_cpu_s": round(own, 2),
+        "dify_cpu_s": round(dify_cpu, 2),
+        "redis_cpu_s": round(sum(float(info[k]) - float(info0[k]) for k in ("used_cpu_sys", "used_cpu_user")), 2),
         "redis_commands_per_answer": round(commands / args.users, 1),
-        "redis_commands": dict(sorted(by_command.items(), key=lambda kv: -kv[1])[:8]),
+        "redis_commands": dict(sorted(by_command.items(), key=lambda kv: -kv[1])[:12]),
         "redis_memory_peak_mb": round(int(info["used_memory_peak"]) / 2**20, 1),
         "cap_hits": cap_hits,
+        "timeline": timeline,
+        "poll_p99_by_second": poll_p99_by_second(outcomes, started_wall),
     }
 
 
@@ -395,12 +432,14 @@ def main() -> None:
     parser.add_argument("--log-level", default="INFO")
     parser.add_argument("--profile", default="", help="py-spy raw output file (profiles the first process)")
     parser.add_argument("--profile-seconds", type=int, default=20)
+    parser.add_argument("--native", action="store_true", help="py-spy --native: C frames too")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    parser.add_argument("--timeline", action="store_true", help="also print CPU and poll p99 per second")
     parser.add_argument("--laibao-path", default="", help="run the laibao code found here (e.g. an older checkout)")
     parser.add_argument("--dify", type=int, default=0, help=argparse.SUPPRESS)  # run as the stand-in
     args = parser.parse_args()
     if args.dify:
-        asyncio.run(serve_dify(args.dify, args.deltas, args.spacing))
+        uvloop.run(serve_dify(args.dify, args.deltas, args.spacing))
         return
 
     token, key = generate_token(), generate_aes_key()
@@ -431,7 +470,8 @@ def main() -> None:
                                           env={**env, "LAIBAO_PORT": str(port), "LAIBAO_NODE_ID": f"node-{index}"}))
         for proc, port in zip(procs[1:], ports, strict=True):
             wait_for_port(port, proc=proc)
-        result = asyncio.run(run_load(args, crypto, ports, [p.pid for p in procs[1:]], redis_server.port, dify_port))
+        result = uvloop.run(run_load(args, crypto, ports, [p.pid for p in procs[1:]], redis_server.port, dify_port,
+                                     procs[0].pid))
         errors = sum(1 for i in range(2) for line in (workdir / f"laibao-{i}.log").open(errors="replace")
                      if " ERROR " in line or "Traceback" in line)
         result["log_errors"] = errors
@@ -459,8 +499,14 @@ def report(r: dict[str, Any], args: argparse.Namespace) -> None:
     print(f"  laibao RSS peak {r['rss_peak_mb']} MB   CPU {r['cpu_s']} s = {r['cpu_ms_per_answer']} ms per answer")
     print(f"  redis {r['redis_commands_per_answer']} commands per answer, memory peak {r['redis_memory_peak_mb']} MB")
     print(f"  redis commands per answer by name: {r['redis_commands']}")
-    print(f"  the WeCom player (this process) used {r['wecom_cpu_s']} s CPU")
+    print(f"  CPU of the rest: the WeCom player (this process) {r['wecom_cpu_s']} s, the Dify stand-in "
+          f"{r['dify_cpu_s']} s, redis-server {r['redis_cpu_s']} s")
     print(f"  relay cap hits {r['cap_hits']}   ERROR lines in the logs {r['log_errors']}")
+    if r["timeline"]:
+        print("  per second: CPU of laibao 1, laibao 2, the player, the Dify stand-in; poll p99 ms")
+        for second, shares in enumerate(r["timeline"]):
+            p99 = r["poll_p99_by_second"][second] if second < len(r["poll_p99_by_second"]) else 0
+            print(f"    {second:3d}s  {'  '.join(f'{share:4.2f}' for share in shares)}   {p99} ms")
 
 
 if __name__ == "__main__":
