@@ -17,6 +17,7 @@ from laibao.wecom import parse_callback
 log = logging.getLogger("laibao.callback")
 
 _TIMESTAMP = re.compile(r"[0-9]{1,12}")
+_DIGITS = re.compile(r"[0-9]{1,20}")
 
 
 @tornado.web.stream_request_body
@@ -41,7 +42,12 @@ class CallbackHandler(BaseHandler):
         """Refuse an oversized body before reading it."""
         limit = self.runtime.config.max_body_bytes
         length = self.request.headers.get("Content-Length")
-        if self.request.method == "POST" and length is not None and length.isdigit() and int(length) > limit:
+        if self.request.method != "POST" or length is None:
+            return
+        # ASCII digits only: str.isdigit() also takes "²", which int() refuses (a 500, not a 400).
+        if not _DIGITS.fullmatch(length):
+            raise tornado.web.HTTPError(400, "Content-Length is not a number")
+        if int(length) > limit:
             raise tornado.web.HTTPError(413, "callback body of %s bytes refused", length)
 
     def data_received(self, chunk: bytes) -> None:

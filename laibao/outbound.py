@@ -244,7 +244,8 @@ class _Collector:
         elif name == "content-length":
             length = value.strip()
             # Refused before a byte of the body is read: no point receiving what must be dropped.
-            if length.isdigit() and int(length) > self.max_bytes:
+            # ASCII digits only ("²".isdigit() is true too); more than 18 of them is over any limit.
+            if length.isascii() and length.isdigit() and (len(length) > 18 or int(length) > self.max_bytes):
                 self._refuse()
 
     def on_chunk(self, chunk: bytes) -> None:

@@ -294,7 +294,8 @@ def _number(obj: Mapping[str, Any], key: str) -> int:
     value = obj.get(key)
     if isinstance(value, int) and not isinstance(value, bool):
         return value
-    if isinstance(value, str) and value.isdigit():
+    # ASCII digits, and few: "²".isdigit() is true but int() refuses it, as it does 5000 digits.
+    if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) <= 9:
         return int(value)
     return 0
 

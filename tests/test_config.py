@@ -71,6 +71,16 @@ def test_malformed_values_one_line_each_and_no_secrets() -> None:
             "redis_prefix: the Redis key prefix must be non-empty, without braces or whitespace"]
 
 
+def test_numbers_are_ascii_digits_only() -> None:
+    # "²" and "٣" pass str.isdigit() but not int(); 5000 digits pass neither int() nor a sane setting
+    for port in ("²", "٣", "9" * 5000, "--5"):
+        (problem,) = problems_of(environ=dict(ENV, LAIBAO_PORT=port))
+        assert problem.startswith("LAIBAO_PORT: expected an integer, got ")  # the value is cut when long
+    for url, problem in (("redis+sentinel://h1:26379/mymaster/²", "the database must be a number, not '²'"),
+                         ("redis+cluster://h1:7000,h2:٧٠٠١", "each node must be host:port, not 'h2:٧٠٠١'")):
+        assert problems_of(environ=dict(ENV, LAIBAO_REDIS_URL=url)) == [f"redis_url: {problem}"]
+
+
 def test_dify_url_must_be_the_api_base() -> None:
     assert problems_of(environ=dict(ENV, LAIBAO_DIFY_URL="https://dify.example.com")) == [
         "LAIBAO_DIFY_URL: must be Dify's API base ending in /v1, got 'https://dify.example.com'"

@@ -669,6 +669,16 @@ async def test_a_proxys_413_is_still_file_too_large(outbound: Outbound) -> None:
     assert "<" not in info.value.message
 
 
+@pytest.mark.gen_test
+async def test_an_odd_content_length_from_dify_is_a_dify_error(outbound: Outbound) -> None:
+    # "\xb2" is "²" in latin-1: str.isdigit() takes it, int() does not; 30 digits are over any limit
+    for length in (b"\xb2", b"9" * 30):
+        reply = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: " + length + b"\r\n\r\n{}"
+        async with raw_server(reply) as url:
+            with pytest.raises(DifyError):
+                await DifyClient(url, KEY, http=outbound, connect_timeout=2).parameters()
+
+
 # ------------------------------------------------------------------------------- small endpoints
 
 @pytest.mark.gen_test

@@ -264,6 +264,25 @@ async def test_slow_clients_are_disconnected(svc: Service) -> None:
     assert (await svc.wecom.http.fetch(svc.wecom.base_url + "/healthz")).code == 200
 
 
+@pytest.mark.gen_test(timeout=60)
+async def test_a_content_length_of_non_ascii_digits_is_a_client_error(svc: Service) -> None:
+    port = urlsplit(svc.wecom.base_url).port
+    assert port is not None
+    # "\xb2" is "²" in latin-1, which str.isdigit() accepts and int() refuses
+    for length in (b"\xb2", b"\xd9\xa3", b"-5", b"1e3"):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            writer.write(b"POST /wecom/callback?msg_signature=a&timestamp=1&nonce=n HTTP/1.1\r\nHost: x\r\n"
+                         b"Content-Length: " + length + b"\r\n\r\n{}")
+            await writer.drain()
+            status_line = await asyncio.wait_for(reader.readline(), 20)
+        finally:
+            writer.close()
+        status = int(status_line.split()[1]) if status_line else 0  # 0: closed without an answer
+        assert status in (0, 400), (length, status_line)
+    assert (await svc.wecom.http.fetch(svc.wecom.base_url + "/healthz")).code == 200
+
+
 # -------------------------------------------------------------------------- oversized and deep JSON
 
 @pytest.mark.gen_test(timeout=60)

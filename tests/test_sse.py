@@ -183,6 +183,12 @@ def test_error_event_fields() -> None:
     assert event.task_id == TASK
 
 
+@pytest.mark.parametrize("status", ["²", "9" * 5000, "-1", "4OO"])
+def test_an_error_status_that_is_no_small_ascii_number_is_zero(status: str) -> None:
+    (event,) = parse(_frame({"event": "error", **IDS, "status": status, "code": "c", "message": "m"}), [])
+    assert isinstance(event, ErrorEvent) and event.status == 0
+
+
 def test_close_parses_a_last_frame_without_its_blank_line() -> None:
     end = _frame(OBJECTS[-1])[:-2]
     for tail in (b"", b"\n", b"\r", b"\r\n"):
