@@ -433,6 +433,8 @@ def main() -> None:
     parser.add_argument("--profile", default="", help="py-spy raw output file (profiles the first process)")
     parser.add_argument("--profile-seconds", type=int, default=20)
     parser.add_argument("--native", action="store_true", help="py-spy --native: C frames too")
+    parser.add_argument("--cprofile", default="", help="run laibao under cProfile, writing DIR/laibao-N.prof "
+                        "at exit (call counts per answer; slows laibao down)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     parser.add_argument("--timeline", action="store_true", help="also print CPU and poll p99 per second")
     parser.add_argument("--laibao-path", default="", help="run the laibao code found here (e.g. an older checkout)")
@@ -465,7 +467,10 @@ def main() -> None:
         ports = [free_port(), free_port()]
         for index, port in enumerate(ports):
             log = (workdir / f"laibao-{index}.log").open("wb")
-            procs.append(subprocess.Popen([sys.executable, "-m", "laibao.cli", "serve"], cwd=workdir, stdout=log,
+            profiled = ["-m", "cProfile", "-o", str(Path(args.cprofile).resolve() / f"laibao-{index}.prof")
+                        ] if args.cprofile else []
+            procs.append(subprocess.Popen([sys.executable, *profiled, "-m", "laibao.cli", "serve"], cwd=workdir,
+                                          stdout=log,
                                           stderr=subprocess.STDOUT,
                                           env={**env, "LAIBAO_PORT": str(port), "LAIBAO_NODE_ID": f"node-{index}"}))
         for proc, port in zip(procs[1:], ports, strict=True):
