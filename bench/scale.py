@@ -429,6 +429,8 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=100, help="keep-alive connections per process")
     parser.add_argument("--give-up", type=float, default=300.0, help="seconds a user waits for the finish")
     parser.add_argument("--max-relays", type=int, default=0, help="LAIBAO_MAX_RELAYS (0: laibao's default)")
+    parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                        help="a laibao setting for both processes, e.g. --set redis_pool_size=100 (repeatable)")
     parser.add_argument("--log-level", default="INFO")
     parser.add_argument("--profile", default="", help="py-spy raw output file (profiles the first process)")
     parser.add_argument("--profile-seconds", type=int, default=20)
@@ -466,6 +468,9 @@ def main() -> None:
             env["PYTHONPATH"] = args.laibao_path
         if args.max_relays:
             env["LAIBAO_MAX_RELAYS"] = str(args.max_relays)
+        for setting in args.set:
+            name, _, value = setting.partition("=")
+            env[f"LAIBAO_{name.upper()}"] = value
         ports = [free_port(), free_port()]
         for index, port in enumerate(ports):
             log = (workdir / f"laibao-{index}.log").open("wb")

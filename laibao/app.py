@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import re
 import signal
@@ -105,12 +106,30 @@ def run_serve(config: Config) -> None:
         runner.run(serve(config))
 
 
+# The cyclic GC's young-generation threshold while serving (CPython's default is 700; the older two keep
+# theirs). Measured at 600 users (bench/scale.py): with the defaults each process ran about 150 young,
+# 10 middle and 1-2 full collections per run, 200-350 ms in all, and every full collection stopped the
+# event loop for 30-105 ms, polls included; with this threshold and the start-up objects frozen, 12-15
+# young collections of 35-75 ms in all and no full one during the run, at the same peak RSS.
+GC_YOUNG_THRESHOLD = 5000
+GC_MIDDLE_THRESHOLD = 20
+
+
+def tune_gc() -> None:
+    """Freeze what start-up allocated (modules, settings, the app) and collect the young less often."""
+    gc.collect()
+    gc.freeze()  # long-lived: never worth scanning again, and not scanned by any later collection
+    _, _, oldest = gc.get_threshold()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, GC_MIDDLE_THRESHOLD, oldest)
+
+
 async def serve(config: Config) -> None:
     """Run the service until SIGTERM/SIGINT, then drain relays and close."""
     runtime = Runtime.build(config)
     await runtime.start()
     server = make_server(runtime)
     server.listen(config.port, address=config.host)
+    tune_gc()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

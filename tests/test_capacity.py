@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -13,6 +16,7 @@ from tornado.ioloop import IOLoop
 
 from laibao import texts
 from laibao.answer.writer import Flusher, OwnershipLost, StreamWriter
+from laibao.app import GC_MIDDLE_THRESHOLD, GC_YOUNG_THRESHOLD
 from stores import ChunkWrite, MemoryStores, RedisStores, StreamSession
 from tests.difystub import Script
 from tests.harness import Cluster, Service, eventually, follow, message, running_cluster, running_service
@@ -177,3 +181,13 @@ async def test_a_full_process_leaves_a_message_to_the_first_process_with_room(ca
     hold.set()
     assert (await follow([to_a, to_b], str(first["id"])))[-1]["content"] == "占着名额的回答"
     assert "took over stream" in cluster.b.log()
+
+
+def test_serving_freezes_start_up_objects_and_collects_the_young_less_often() -> None:
+    # In a fresh interpreter: the test process's own collector is left as it is.
+    probe = ("import gc, json; from laibao.app import tune_gc; before = gc.get_threshold(); tune_gc(); "
+             "print(json.dumps([before, gc.get_threshold(), gc.get_freeze_count()]))")
+    run = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True)
+    before, after, frozen = json.loads(run.stdout)
+    assert after == [GC_YOUNG_THRESHOLD, GC_MIDDLE_THRESHOLD, before[2]] and after[0] > before[0]
+    assert frozen > 10_000  # the modules and objects start-up made are out of every later collection
