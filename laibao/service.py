@@ -62,6 +62,9 @@ class BotService:
         answers.resume_command = self._run_command  # a deferred command taken over from a dead process
         # The last content each stream showed, so a poll during a store outage never shows less.
         self._shown: LRUCache[str, str] = LRUCache(maxsize=SHOWN_CACHE_SIZE)
+        # Per rated stream, the last rating on its way to Dify: the next one waits for it, so Dify keeps
+        # the user's last click (like, then cancel) and not whichever request happened to land last.
+        self._ratings: dict[str, asyncio.Task[None]] = {}
 
     @property
     def dify(self) -> DifyClient:
@@ -278,7 +281,7 @@ class BotService:
             event = callback.raw.get("event")
             feedback = event.get("feedback_event") if isinstance(event, Mapping) else None
             if isinstance(feedback, Mapping):
-                self.tasks.spawn(self._feedback(feedback, callback.userid, callback.chatid), name="feedback")
+                self._rate(feedback, callback.userid, callback.chatid)
         return None
 
     def _may_rate(self, session: StreamSession, userid: str, chatid: str) -> bool:
@@ -303,6 +306,25 @@ class BotService:
             lines.append("你可以这样问：")
             lines.extend(f"- {q.strip()}" for q in questions)
         return "\n".join(lines)
+
+    def _rate(self, feedback: Mapping[str, Any], userid: str, chatid: str) -> None:
+        """Forward a rating in the background, after the ratings of the same stream that came before it."""
+        key = str(feedback.get("id"))
+        previous = self._ratings.get(key)
+        task = self.tasks.spawn(self._feedback_after(previous, feedback, userid, chatid), name="feedback")
+        self._ratings[key] = task
+
+        def forget(done: asyncio.Task[None]) -> None:
+            if self._ratings.get(key) is done:
+                del self._ratings[key]
+
+        task.add_done_callback(forget)
+
+    async def _feedback_after(self, previous: asyncio.Task[None] | None, feedback: Mapping[str, Any],
+                              userid: str, chatid: str) -> None:
+        if previous is not None:
+            await asyncio.wait([previous])  # its outcome is its own: only the order matters here
+        await self._feedback(feedback, userid, chatid)
 
     async def _feedback(self, feedback: Mapping[str, Any], userid: str, chatid: str) -> None:
         """Forward a rating to Dify for the answered message (feedback id = our stream id).

@@ -187,6 +187,8 @@ class DifyStub:
         self.allowed_upload_types: set[str] | None = None  # extensions or MIME types; others get 415
         self.parameters: dict[str, Any] = default_parameters()
         self.feedbacks: list[dict[str, Any]] = []  # {"message_id", "rating", "user", "content"}
+        self.feedback_requests = 0  # feedback requests received, recorded or not
+        self.hold_first_feedback: asyncio.Event | None = None  # when set: the first one waits for it
         self.suggested_questions: list[str] | None = list(DEFAULT_SUGGESTIONS)  # None: disabled (400)
         self.delete_status = 204  # what DELETE /conversations answers (older Dify: 200 with JSON)
         self.static: dict[str, tuple[bytes, str]] = {}  # /files/{name} -> (body, content type)
@@ -456,7 +458,10 @@ class _UploadHandler(_StubHandler):
 
 
 class _FeedbackHandler(_StubHandler):
-    def post(self, message_id: str) -> None:
+    async def post(self, message_id: str) -> None:
+        self.stub.feedback_requests += 1
+        if self.stub.feedback_requests == 1 and self.stub.hold_first_feedback is not None:
+            await self.stub.hold_first_feedback.wait()
         user = self.body_user()
         if user is None:
             return

@@ -391,6 +391,22 @@ async def test_feedback_reaches_dify_for_the_right_message_and_user(svc: Service
     assert cancel["rating"] is None
 
 
+@pytest.mark.gen_test(timeout=30)
+async def test_ratings_of_one_answer_reach_dify_in_the_order_the_user_gave_them(svc: Service) -> None:
+    sid = (await answer(svc, message("评价我")))[0]["id"]
+    svc.dify.hold_first_feedback = hold = asyncio.Event()
+    for kind in (1, 2, 3):  # like, dislike, cancel: Dify must end with the cancel
+        assert await svc.wecom.post(event("feedback_event", feedback_event={"id": sid, "type": kind})) is None
+    await eventually(lambda: svc.dify.feedback_requests >= 1, "the like reaches Dify (and is held there)")
+    # An observation window: while the like is held, nothing overtakes it (a slow machine can only make
+    # this less strict). Without the per-stream order the dislike and the cancel arrive here.
+    await asyncio.sleep(0.5)
+    assert svc.dify.feedback_requests == 1
+    hold.set()
+    await eventually(lambda: len(svc.dify.feedbacks) == 3, "all three ratings reach Dify")
+    assert [f["rating"] for f in svc.dify.feedbacks] == ["like", "dislike", None]
+
+
 # --------------------------------------------------------------------------------------- several bots
 
 @pytest.fixture
