@@ -4,20 +4,18 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import time
 
 import tornado.web
 
 from handlers.base import BaseHandler
 from laibao.errors import CallbackError, CryptoError
+from laibao.numbers import ascii_digits
 from laibao.runtime import BotRuntime
 from laibao.wecom import parse_callback
 
 log = logging.getLogger("laibao.callback")
 
-_TIMESTAMP = re.compile(r"[0-9]{1,12}")
-_DIGITS = re.compile(r"[0-9]{1,20}")
 
 
 @tornado.web.stream_request_body
@@ -44,8 +42,7 @@ class CallbackHandler(BaseHandler):
         length = self.request.headers.get("Content-Length")
         if self.request.method != "POST" or length is None:
             return
-        # ASCII digits only: str.isdigit() also takes "²", which int() refuses (a 500, not a 400).
-        if not _DIGITS.fullmatch(length):
+        if not ascii_digits(length, 20):  # "²" would be a 500 from int(), not a 400
             raise tornado.web.HTTPError(400, "Content-Length is not a number")
         if int(length) > limit:
             raise tornado.web.HTTPError(413, "callback body of %s bytes refused", length)
@@ -70,8 +67,7 @@ class CallbackHandler(BaseHandler):
 
     def _check_timestamp(self, timestamp: str) -> None:
         """Refuse callbacks stamped far from now: a captured request cannot be replayed days later."""
-        # ASCII digits only, and few: str.isdigit() also takes "²", which int() refuses.
-        if not _TIMESTAMP.fullmatch(timestamp):
+        if not ascii_digits(timestamp, 12):
             raise tornado.web.HTTPError(400, "timestamp is not a number of at most 12 digits")
         skew = abs(time.time() - int(timestamp))
         if skew > self.runtime.config.max_clock_skew:

@@ -40,6 +40,7 @@ from cachetools import TTLCache
 
 from laibao.config import BotConfig, Config
 from laibao.errors import AuthError, StoreError, UpstreamError, UpstreamTimeout, UpstreamTooLarge
+from laibao.numbers import ascii_digits
 from laibao.outbound import Outbound, Reply, parse_json
 from stores.tokens import EVERY_USER, TokenCache
 from stores.users import User, UserStore
@@ -449,7 +450,7 @@ def lookup(payload: Any, path: str) -> Any:
     for part in path.split("."):
         if isinstance(value, Mapping):
             value = value.get(part)
-        elif isinstance(value, list) and part.isascii() and part.isdigit() and int(part) < len(value):
+        elif isinstance(value, list) and ascii_digits(part, 9) and int(part) < len(value):
             value = value[int(part)]
         else:
             return None

@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 
 from laibao.crypto import WeComCrypto
 from laibao.errors import ConfigError, CryptoError
+from laibao.numbers import ascii_digits
 from laibao.outbound import HostAllowlist
 from stores.connection import parse_url as parse_redis_url
 from stores.keys import Keys
@@ -26,8 +27,6 @@ from stores.users import secret_key_bytes
 
 ENV_PREFIX = "LAIBAO_"
 BOT_NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-# An integer setting: ASCII digits ("²".isdigit() is true, but int() refuses it), and no 5000 of them.
-_DIGITS = re.compile(r"-?[0-9]{1,18}")
 DEFAULT_PLACEHOLDER = "正在思考…"
 DEFAULT_DENIED = "抱歉，你还没有使用这个机器人的权限，请联系管理员开通。"
 DEFAULT_WS_URL = "wss://openws.work.weixin.qq.com"
@@ -159,7 +158,9 @@ def _str(raw: Any) -> str:
 
 
 def _int(raw: Any) -> int:
-    if isinstance(raw, bool) or not isinstance(raw, int | str) or not _DIGITS.fullmatch(str(raw).strip()):
+    if isinstance(raw, bool) or not isinstance(raw, int | str):
+        raise ValueError(raw)
+    if not ascii_digits(str(raw).strip().removeprefix("-"), 18):
         raise ValueError(raw)
     return int(raw)
 

@@ -45,6 +45,7 @@ from laibao.errors import (
     UpstreamTooLarge,
     UpstreamUnreachable,
 )
+from laibao.numbers import ascii_digits
 
 if TYPE_CHECKING:
     from laibao.config import Config
@@ -244,8 +245,8 @@ class _Collector:
         elif name == "content-length":
             length = value.strip()
             # Refused before a byte of the body is read: no point receiving what must be dropped.
-            # ASCII digits only ("²".isdigit() is true too); more than 18 of them is over any limit.
-            if length.isascii() and length.isdigit() and (len(length) > 18 or int(length) > self.max_bytes):
+            # More than 18 digits is over any limit (and more than int() takes).
+            if ascii_digits(length) and (len(length) > 18 or int(length) > self.max_bytes):
                 self._refuse()
 
     def on_chunk(self, chunk: bytes) -> None:

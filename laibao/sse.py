@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from laibao.errors import DifyStreamError
+from laibao.numbers import ascii_digits
 
 # One frame larger than this is refused: Dify's frames are a few KB; a runaway stream must not eat memory.
 MAX_FRAME_BYTES = 4 * 1024 * 1024
@@ -294,8 +295,7 @@ def _number(obj: Mapping[str, Any], key: str) -> int:
     value = obj.get(key)
     if isinstance(value, int) and not isinstance(value, bool):
         return value
-    # ASCII digits, and few: "²".isdigit() is true but int() refuses it, as it does 5000 digits.
-    if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) <= 9:
+    if isinstance(value, str) and ascii_digits(value, 9):
         return int(value)
     return 0
 
