@@ -438,11 +438,19 @@ class Holder:
             return
         try:
             added = await self.store.add_live(live, self.key, self.config.stream_ttl)
+            if not added:
+                # The same msgid again on a new req_id: the latest delivery is the one WeCom waits on,
+                # so the stream's frames move to it (here and for whichever process holds the bot next).
+                await self.store.update_live(live, self.key)
         except StoreError as exc:
             log.error("bot %s: stream %s not registered for pushing: %s", self.key, live.sid, exc)
             added = True
-        if added and pusher is not None:
+        if pusher is None:
+            return
+        if added:
             pusher.track(live)
+        else:
+            pusher.retarget(live)
 
     async def _event(self, req_id: str, body: Mapping[str, Any]) -> None:
         """enter_chat gets a welcome; feedback reaches Dify; a template card event is taken note of."""

@@ -60,6 +60,7 @@ class Pusher:
         self._frames = frames
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._done: set[str] = set()
+        self._newer: dict[str, LiveStream] = {}  # a repeated message's req_id, for its stream's next frame
 
     def track(self, live: LiveStream) -> None:
         """Start pushing a stream now (its placeholder goes out at once)."""
@@ -67,7 +68,17 @@ class Pusher:
             return
         task = asyncio.get_running_loop().create_task(self._push(live), name=f"ws-stream-{live.sid}")
         self._tasks[live.sid] = task
-        task.add_done_callback(lambda _: self._tasks.pop(live.sid, None))
+        task.add_done_callback(lambda _: self._forget(live.sid))
+
+    def retarget(self, live: LiveStream) -> None:
+        """WeCom delivered the message again on a new req_id: the stream's frames go on that one from now on.
+
+        The whole text so far goes out on it at once (frames are cumulative), with the feedback id.
+        """
+        if live.sid in self._tasks:
+            self._newer[live.sid] = live
+        else:
+            self.track(live)
 
     async def run(self) -> None:
         """Pick up every registered stream: after a failover they were registered by the previous holder."""
@@ -104,6 +115,9 @@ class Pusher:
         failures = 0
         fallback = False
         while True:
+            newer = self._newer.pop(live.sid, None)
+            if newer is not None and newer.req_id != live.req_id:
+                live, last, failures, fallback = newer, None, 0, False
             try:
                 reply = await self._service.refresh(live.sid)
             except StoreError as exc:
@@ -171,6 +185,10 @@ class Pusher:
         else:
             log.info("stream %s: the final answer went out with aibot_send_msg", live.sid)
         return True
+
+    def _forget(self, sid: str) -> None:
+        self._tasks.pop(sid, None)
+        self._newer.pop(sid, None)
 
     async def _drop(self, live: LiveStream) -> None:
         self._done.add(live.sid)

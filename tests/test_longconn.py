@@ -159,15 +159,27 @@ async def test_frames_of_one_req_id_wait_for_the_previous_ack(svc: Service, ws: 
 
 
 @pytest.mark.gen_test(timeout=30)
-async def test_the_same_msgid_twice_calls_dify_once(svc: Service, ws: WsStub) -> None:
-    svc.dify.push(Script(answer=ANSWER, deltas=PIECES, cut=(4096,), delay=0.05), Script(answer="第二次不该出现"))
+async def test_the_same_msgid_twice_calls_dify_once_and_answers_on_the_newest_req_id(svc: Service,
+                                                                                     ws: WsStub) -> None:
+    gate = asyncio.Event()
+    svc.dify.push(Script(answer=ANSWER, hold=gate), Script(answer="第二次不该出现"))
     first = await ws.push_message(ws_message("重复", msgid="same"))
+    await eventually(lambda: len(stream_frames(ws, first)) >= 2, "the placeholder and some text")
     second = await ws.push_message(ws_message("重复", msgid="same"))
-    frames = await finished(ws, first)
+    # The repeat is what WeCom waits on now: the text so far goes out on its req_id, with the feedback id.
+    await eventually(lambda: stream_frames(ws, second), "a frame on the repeat's req_id")
+    moved = stream_frames(ws, second)[0]
+    assert moved["feedback"]["id"] == moved["id"]
+    assert moved["content"] != "正在思考…" and ANSWER.startswith(moved["content"])
+    live = await svc.runtime.ws.store.live("default")
+    assert [entry.req_id for entry in live] == [second]  # a later holder pushes on it too
+    gate.set()
+    frames = await finished(ws, second)
     assert frames[-1]["content"] == ANSWER
-    await asyncio.sleep(0)  # the repeat was handled on arrival; nothing of it may reach Dify
+    assert not any(f["finish"] for f in stream_frames(ws, first))
+    assert {f["id"] for f in stream_frames(ws, first) + frames} == {moved["id"]}
     assert len(svc.dify.chat_calls) == 1
-    assert all(f["id"] == frames[0]["id"] for f in stream_frames(ws, second))
+    assert ws.unordered == 0
 
 
 @pytest.mark.gen_test(timeout=30)
