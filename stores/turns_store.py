@@ -57,10 +57,6 @@ class TurnQueue(Protocol):
         """Remove ``sid`` wherever it is in the queue."""
         ...
 
-    async def position(self, bot: str, scope: str, sid: str) -> int | None:
-        """The 0-based position of ``sid`` as queued (dead heads included), or None if not queued."""
-        ...
-
     async def head(self, bot: str, scope: str) -> str | None:
         """The sid at the head of the conversation's queue (the one Dify is answering), if any."""
         ...
@@ -75,10 +71,6 @@ class InFlight(Protocol):
 
     async def release(self, bot: str, user: str, sid: str) -> None:
         """Free the slot of ``sid``, if it holds one."""
-        ...
-
-    async def count(self, bot: str, user: str, now: float, *, ttl: float) -> int:
-        """How many admitted messages are live at ``now``: admitted at most ``ttl`` s ago, session running."""
         ...
 
 
@@ -224,12 +216,6 @@ class RedisTurnQueue:
         with redis_errors("turns leave"):
             await self._client.lrem(self.key(bot, scope), 0, sid)
 
-    async def position(self, bot: str, scope: str, sid: str) -> int | None:
-        """The 0-based position of ``sid`` as queued (dead heads included), or None if not queued."""
-        with redis_errors("turns position"):
-            items: list[str] = await self._client.lrange(self.key(bot, scope), 0, -1)
-        return items.index(sid) if sid in items else None
-
     async def head(self, bot: str, scope: str) -> str | None:
         """The sid at the head of the conversation's queue (the one Dify is answering), if any."""
         with redis_errors("turns head"):
@@ -275,13 +261,6 @@ class RedisInFlight:
         """Free the slot of ``sid``, if it holds one."""
         with redis_errors("inflight release"):
             await self._client.zrem(self.key(bot, user), sid)
-
-    async def count(self, bot: str, user: str, now: float, *, ttl: float) -> int:
-        """How many admitted messages are live at ``now``: admitted at most ``ttl`` s ago, session running."""
-        with redis_errors("inflight count"):
-            admitted: list[tuple[str, float]] = await self._client.zrange(self.key(bot, user), 0, -1, withscores=True)
-            recent = [sid for sid, since in admitted if not now - since > ttl]
-            return len(await self._running(recent, now))
 
 
 class RedisTurns:
@@ -373,11 +352,6 @@ class MemoryTurnQueue:
         if not queue:
             self._queues.pop(key)
 
-    async def position(self, bot: str, scope: str, sid: str) -> int | None:
-        """The 0-based position of ``sid`` as queued (dead heads included), or None if not queued."""
-        queue = self._queues.get(_KEYS.turns(bot, scope))
-        return queue.index(sid) if queue is not None and sid in queue else None
-
     async def head(self, bot: str, scope: str) -> str | None:
         """The sid at the head of the conversation's queue (the one Dify is answering), if any."""
         queue = self._queues.get(_KEYS.turns(bot, scope))
@@ -422,13 +396,6 @@ class MemoryInFlight:
         admitted = self._admitted.get(key)
         if admitted is not None and admitted.pop(sid, None) is not None and not admitted:
             self._admitted.pop(key)
-
-    async def count(self, bot: str, user: str, now: float, *, ttl: float) -> int:
-        """How many admitted messages are live at ``now``: admitted at most ``ttl`` s ago, session running."""
-        key = _KEYS.inflight(bot, user)
-        dead = await self._dead(key, now)
-        admitted = self._admitted.get(key) or {}
-        return sum(1 for sid, since in admitted.items() if not now - since > ttl and sid not in dead)
 
 
 class MemoryTurns:

@@ -12,7 +12,7 @@ from tornado.httpclient import AsyncHTTPClient
 
 from laibao.outbound import HostAllowlist, Outbound
 from tests.difystub import DifyStub
-from tests.servers import MariaDBServer, RedisCluster, RedisSentinelSet, RedisServer
+from tests.servers import MariaDBServer, RedisCluster, RedisSentinelSet, RedisServer, running, serving
 from tests.wecomstub import ResponseUrlStub
 
 # Hypothesis fails an example that takes over 200 ms by default; on two busy cores a crypto or SSE
@@ -38,10 +38,8 @@ def io_loop() -> Iterator[tornado.ioloop.IOLoop]:
 @pytest.fixture(scope="session")
 def redis_server() -> Iterator[RedisServer]:
     """One real redis-server for the whole run, on a free port in a temporary directory."""
-    server = RedisServer()
-    server.start()
-    yield server
-    server.close()
+    with running(RedisServer()) as server:
+        yield server
 
 
 @pytest.fixture
@@ -56,23 +54,15 @@ def redis_url(redis_server: RedisServer) -> str:
 @pytest.fixture(scope="session")
 def redis_cluster() -> Iterator[RedisCluster]:
     """One 3-primary Redis Cluster (a replica each) for the whole run."""
-    cluster = RedisCluster(replicas=1)
-    try:
-        cluster.start()
+    with running(RedisCluster(replicas=1)) as cluster:
         yield cluster
-    finally:
-        cluster.close()
 
 
 @pytest.fixture(scope="session")
 def redis_sentinel() -> Iterator[RedisSentinelSet]:
     """One primary + replica + sentinel set for the whole run (tests that fail it over start their own)."""
-    servers = RedisSentinelSet()
-    try:
-        servers.start()
+    with running(RedisSentinelSet()) as servers:
         yield servers
-    finally:
-        servers.close()
 
 
 # The Redis modes a contract suite runs in: list them as a fixture's params, then call redis_url_for.
@@ -92,10 +82,8 @@ def redis_url_for(request: pytest.FixtureRequest, mode: str) -> str:
 @pytest.fixture(scope="session")
 def mariadb_server() -> Iterator[MariaDBServer]:
     """One real MariaDB server for the whole run, in a temporary datadir on a free port."""
-    server = MariaDBServer()
-    server.start()
-    yield server
-    server.close()
+    with running(MariaDBServer()) as server:
+        yield server
 
 
 @pytest.fixture
@@ -111,19 +99,15 @@ def mysql_url(mariadb_server: MariaDBServer) -> Iterator[str]:
 @pytest.fixture
 def responses(io_loop: tornado.ioloop.IOLoop) -> Iterator[ResponseUrlStub]:
     """WeCom's response_url endpoint, on this test's loop."""
-    stub = ResponseUrlStub()
-    io_loop.run_sync(stub.start)
-    yield stub
-    io_loop.run_sync(stub.stop)
+    with serving(io_loop, ResponseUrlStub()) as stub:
+        yield stub
 
 
 @pytest.fixture
 def stub(io_loop: tornado.ioloop.IOLoop) -> Iterator[DifyStub]:
     """A Dify stand-in on this test's loop, with the default app key."""
-    server = DifyStub()
-    io_loop.run_sync(server.start)
-    yield server
-    io_loop.run_sync(server.stop)
+    with serving(io_loop, DifyStub()) as server:
+        yield server
 
 
 @pytest.fixture

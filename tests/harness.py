@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
+import pytest
 import redis.asyncio
 import tornado.httpserver
 from tornado.httpclient import AsyncHTTPClient, HTTPResponse
@@ -253,6 +254,17 @@ def service_config(dify_url: str, redis_url: str, **overrides: object) -> Config
     }
     env.update({f"LAIBAO_{k.upper()}": str(v) for k, v in overrides.items()})
     return load_config(environ=env, dotenv=None)
+
+
+@contextmanager
+def marked_service(request: pytest.FixtureRequest, io_loop: IOLoop, on_redis: bool,
+                   **defaults: object) -> Iterator[Service]:
+    """``running_service`` on Redis or the in-process store: ``defaults`` overridden by the test's
+    ``settings`` marker, e.g. ``@pytest.mark.settings(max_relays=1)``."""
+    redis_url = str(request.getfixturevalue("redis_url")) if on_redis else ""
+    marker = request.node.get_closest_marker("settings")
+    with running_service(io_loop, redis_url, **{**defaults, **(marker.kwargs if marker else {})}) as service:
+        yield service
 
 
 @contextmanager

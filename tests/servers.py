@@ -1,4 +1,8 @@
-"""Real backing servers for tests: redis-server and MariaDB, each on a free port in a temporary directory."""
+"""Real backing servers for tests: redis-server and MariaDB, each on a free port in a temporary directory.
+
+``running`` and ``serving`` hold a server for a ``with`` block (a fixture's life): the processes here,
+or a stand-in that listens on the test's own event loop.
+"""
 
 from __future__ import annotations
 
@@ -9,11 +13,50 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Protocol, TypeVar
 from urllib.parse import quote
 
 import pymysql
+from tornado.ioloop import IOLoop
+
+
+class _Process(Protocol):
+    def start(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class _StandIn(Protocol):
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
+P = TypeVar("P", bound=_Process)
+S = TypeVar("S", bound=_StandIn)
+
+
+@contextmanager
+def running(server: P) -> Iterator[P]:
+    """``server`` started for the block and closed after it; whatever did start is closed when starting fails."""
+    try:
+        server.start()
+        yield server
+    finally:
+        server.close()
+
+
+@contextmanager
+def serving(io_loop: IOLoop, stand_in: S) -> Iterator[S]:
+    """A stand-in server listening on the test's loop for the block, stopped after it."""
+    io_loop.run_sync(stand_in.start)
+    try:
+        yield stand_in
+    finally:
+        io_loop.run_sync(stand_in.stop)
 
 
 def free_port() -> int:

@@ -48,7 +48,7 @@ from tests.harness import (
     running_service,
     service_config,
 )
-from tests.servers import free_port
+from tests.servers import free_port, serving
 
 PNG = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4
 DEEP = b"[" * 100_000 + b"]" * 100_000  # JSON nested far deeper than Python's recursion limit
@@ -111,18 +111,14 @@ class _CanaryHandler(tornado.web.RequestHandler):
 
 @pytest.fixture
 def canary(io_loop: IOLoop) -> Iterator[Canary]:
-    server = Canary()
-    io_loop.run_sync(server.start)
-    yield server
-    io_loop.run_sync(server.stop)
+    with serving(io_loop, Canary()) as server:
+        yield server
 
 
 @pytest.fixture
 def canary2(io_loop: IOLoop) -> Iterator[Canary]:
-    server = Canary()
-    io_loop.run_sync(server.start)
-    yield server
-    io_loop.run_sync(server.stop)
+    with serving(io_loop, Canary()) as server:
+        yield server
 
 
 @pytest.fixture

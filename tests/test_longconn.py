@@ -26,6 +26,7 @@ from laibao.outbound import origin_entry
 from laibao.runtime import Runtime
 from tests.difystub import DifyStub, Script
 from tests.harness import Service, eventually, running_service
+from tests.servers import serving
 from tests.wsstub import EXPIRED, WsStub
 
 ANSWER = "长连接模式的回答：一段一段地推送给企业微信。"
@@ -94,10 +95,8 @@ def test_websocket_settings_are_read_and_checked() -> None:
 
 @pytest.fixture
 def ws(io_loop: IOLoop) -> Iterator[WsStub]:
-    stub = WsStub()
-    io_loop.run_sync(stub.start)
-    yield stub
-    io_loop.run_sync(stub.stop)
+    with serving(io_loop, WsStub()) as stub:
+        yield stub
 
 
 @pytest.fixture

@@ -29,7 +29,18 @@ from laibao.crypto import WeComCrypto, generate_aes_key, generate_token
 from laibao.wecom import MAX_CONTENT_BYTES
 from stores.keys import Keys, scope_of
 from tests.difystub import DifyStub, Script
-from tests.harness import AES_KEY, CRYPTO, TOKEN, Service, WeCom, eventually, follow, message, running_service
+from tests.harness import (
+    AES_KEY,
+    CRYPTO,
+    TOKEN,
+    Service,
+    WeCom,
+    eventually,
+    follow,
+    marked_service,
+    message,
+    running_service,
+)
 from tests.servers import free_port
 from tests.wecomstub import ResponseUrlStub
 
@@ -37,17 +48,14 @@ from tests.wecomstub import ResponseUrlStub
 @pytest.fixture(params=["memory", "redis"])
 def svc(request: pytest.FixtureRequest, io_loop: IOLoop) -> Iterator[Service]:
     """laibao with the settings of the test's ``settings`` marker."""
-    redis_url = request.getfixturevalue("redis_url") if request.param == "redis" else ""
-    marker = request.node.get_closest_marker("settings")
-    with running_service(io_loop, redis_url, **(marker.kwargs if marker else {})) as service:
+    with marked_service(request, io_loop, on_redis=request.param == "redis") as service:
         yield service
 
 
 @pytest.fixture
-def redis_svc(request: pytest.FixtureRequest, io_loop: IOLoop, redis_url: str) -> Iterator[Service]:
+def redis_svc(request: pytest.FixtureRequest, io_loop: IOLoop) -> Iterator[Service]:
     """laibao on real Redis only, for what only Redis lets a test read."""
-    marker = request.node.get_closest_marker("settings")
-    with running_service(io_loop, redis_url, **(marker.kwargs if marker else {})) as service:
+    with marked_service(request, io_loop, on_redis=True) as service:
         yield service
 
 

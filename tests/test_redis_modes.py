@@ -21,7 +21,7 @@ from stores.keys import Keys, new_sid
 from stores.tokens import RedisTokenCache
 from tests.difystub import DifyStub, Script
 from tests.harness import AES_KEY, TOKEN, Service, eventually, follow, message, running_service
-from tests.servers import RedisCluster, RedisSentinelSet, RedisServer
+from tests.servers import RedisCluster, RedisSentinelSet, RedisServer, running
 
 T0 = 1_732_500_000.0
 
@@ -29,10 +29,9 @@ T0 = 1_732_500_000.0
 @pytest.fixture
 def secured(io_loop: tornado.ioloop.IOLoop) -> Iterator[RedisServer]:
     """A redis-server with a default-user password and an ACL user of its own."""
-    server = RedisServer("--requirepass", "default-pw", "--user", "laibao", "on", ">acl s3cret", "~*", "&*", "+@all")
-    server.start()
-    yield server
-    server.close()
+    acl = ("--requirepass", "default-pw", "--user", "laibao", "on", ">acl s3cret", "~*", "&*", "+@all")
+    with running(RedisServer(*acl)) as server:
+        yield server
 
 
 @pytest.mark.gen_test(timeout=30)
@@ -223,12 +222,8 @@ async def test_cluster_primary_killed_while_an_answer_streams(redis_cluster: Red
 @pytest.fixture
 def sentinel_set() -> Iterator[RedisSentinelSet]:
     """A sentinel set of this test's own: failing it over changes it for good."""
-    servers = RedisSentinelSet()
-    try:
-        servers.start()
+    with running(RedisSentinelSet()) as servers:
         yield servers
-    finally:
-        servers.close()
 
 
 @pytest.fixture

@@ -21,7 +21,16 @@ from laibao.media import think_blocks
 from laibao.wecom import MAX_CONTENT_BYTES
 from stores.keys import Keys
 from tests.difystub import Script
-from tests.harness import Cluster, Service, eventually, follow, message, refresh, running_cluster, running_service
+from tests.harness import (
+    Cluster,
+    Service,
+    eventually,
+    follow,
+    marked_service,
+    message,
+    refresh,
+    running_cluster,
+)
 from tests.test_messages import PNG, media_message
 from tests.wecomstub import ResponseUrlStub
 
@@ -31,18 +40,14 @@ WINDOW = {"stream_window": "3", "window_margin": "1"}  # the stream closes 2 s a
 @pytest.fixture(params=["memory", "redis"])
 def svc(request: pytest.FixtureRequest, io_loop: IOLoop) -> Iterator[Service]:
     """laibao with a short WeCom window (and the settings of the test's ``settings`` marker)."""
-    redis_url = request.getfixturevalue("redis_url") if request.param == "redis" else ""
-    marker = request.node.get_closest_marker("settings")
-    settings = {**WINDOW, **(marker.kwargs if marker else {})}
-    with running_service(io_loop, redis_url, **settings) as service:
+    with marked_service(request, io_loop, on_redis=request.param == "redis", **WINDOW) as service:
         yield service
 
 
 @pytest.fixture
-def redis_svc(request: pytest.FixtureRequest, io_loop: IOLoop, redis_url: str) -> Iterator[Service]:
+def redis_svc(request: pytest.FixtureRequest, io_loop: IOLoop) -> Iterator[Service]:
     """The same on Redis only."""
-    marker = request.node.get_closest_marker("settings")
-    with running_service(io_loop, redis_url, **{**WINDOW, **(marker.kwargs if marker else {})}) as service:
+    with marked_service(request, io_loop, on_redis=True, **WINDOW) as service:
         yield service
 
 
