@@ -66,10 +66,20 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def _ephemeral_start() -> int:
+    """Where the kernel's range of ports for ``bind(0)`` (``free_port``) begins."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_cluster_port() -> int:
-    """A free port whose cluster bus port (10000 higher) is free too, both under 65536."""
+    """A free port whose cluster bus port (10000 higher) is free too, both below the kernel's ephemeral
+    range, so that ``free_port`` (another worker's plain redis-server, say) can never be handed either."""
+    highest = _ephemeral_start() - 10001
     for _ in range(200):
-        port = random.randint(20000, 45000)
+        port = random.randint(10001, max(10001, highest))
         try:
             for candidate in (port, port + 10000):
                 with socket.socket() as sock:
@@ -78,6 +88,47 @@ def free_cluster_port() -> int:
             continue
         return port
     raise RuntimeError("no free port pair for a cluster node")
+
+
+class PortTaken(RuntimeError):
+    """The port was free when chosen, but something else listened on it before the server could."""
+
+
+LISTENING = "Running mode="  # redis-server (and sentinel) log it once the listening socket is bound
+
+
+def spawn_redis(command: list[str], port: int, log: Path, timeout: float = 15.0) -> subprocess.Popen[bytes]:
+    """Start a redis-server or sentinel whose ``command`` logs to ``log``; return once *it* listens on ``port``.
+
+    Waiting for a connection alone is not enough: a server that lost the race for its port exits, and
+    whoever took the port would answer in its place.
+    """
+    offset = log.stat().st_size if log.exists() else 0
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        said = _log_since(log, offset)
+        if LISTENING in said:
+            wait_for_port(port, timeout=timeout, proc=proc)
+            return proc
+        if proc.poll() is not None:
+            said = _log_since(log, offset)
+            if "Address already in use" in said:
+                raise PortTaken(f"port {port} was taken before redis-server could listen on it")
+            raise RuntimeError(f"redis-server exited with {proc.returncode}: {said[-1000:]}")
+        time.sleep(0.02)
+    proc.kill()
+    proc.wait(timeout=10)
+    raise RuntimeError(f"redis-server did not listen on {port} within {timeout} s")
+
+
+def _log_since(log: Path, offset: int) -> str:
+    try:
+        with log.open("rb") as file:
+            file.seek(offset)
+            return file.read().decode("utf-8", "replace")
+    except FileNotFoundError:
+        return ""
 
 
 def wait_for_port(port: int, timeout: float = 15.0, proc: subprocess.Popen[bytes] | None = None) -> None:
@@ -97,13 +148,15 @@ def wait_for_port(port: int, timeout: float = 15.0, proc: subprocess.Popen[bytes
 class RedisServer:
     """A throw-away redis-server process; ``stop``/``start`` simulate an outage on the same port."""
 
-    def __init__(self, *args: str) -> None:
+    def __init__(self, *args: str, pick_port: Callable[[], int] = free_port) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
             raise RuntimeError("redis-server is not installed: run `make test`, which installs it")
         self.binary = binary
         self.dir = Path(tempfile.mkdtemp(prefix="laibao-redis-"))
-        self.port = free_port()
+        self.pick_port = pick_port
+        self.port = pick_port()
+        self._listened = False  # once it has, the port is the server's: a restart must come back on it
         self.args = list(args)  # more redis-server options (password, ACL user, replica of, cluster mode)
         self.proc: subprocess.Popen[bytes] | None = None
         self._keep_data = False  # set by stop(save=True): the next start finds the data
@@ -117,13 +170,24 @@ class RedisServer:
         if not self._keep_data:
             (self.dir / "dump.rdb").unlink(missing_ok=True)
         self._keep_data = False
-        self.proc = subprocess.Popen(
-            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir),
-             "--save", "", "--appendonly", "no", "--protected-mode", "no", "--daemonize", "no",
-             "--logfile", str(self.dir / "redis.log"), *self.args],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
-        wait_for_port(self.port, proc=self.proc)
+        self.launch(lambda: [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir),
+                             "--save", "", "--appendonly", "no", "--protected-mode", "no", "--daemonize", "no",
+                             "--logfile", str(self.dir / "redis.log"), *self.args],
+                    self.dir / "redis.log")
+
+    def launch(self, command: Callable[[], list[str]], log: Path) -> None:
+        """Start ``command()`` (it names ``self.port``); on a first start, a port lost to a race is replaced."""
+        for _ in range(5):
+            try:
+                self.proc = spawn_redis(command(), self.port, log)
+            except PortTaken:
+                if self._listened:
+                    raise
+                self.port = self.pick_port()
+                continue
+            self._listened = True
+            return
+        raise RuntimeError("five ports in a row were taken before redis-server could listen")
 
     def cli(self, *command: str) -> str:
         """Run one redis-cli command against this server (fixture set-up only); its output."""
@@ -191,10 +255,9 @@ class RedisCluster:
     def __init__(self, replicas: int = 1) -> None:
         self.replicas = replicas
         self.nodes = [RedisServer("--cluster-enabled", "yes", "--cluster-node-timeout", "1000",
-                                  "--cluster-config-file", "nodes.conf", "--cluster-replica-validity-factor", "0")
+                                  "--cluster-config-file", "nodes.conf", "--cluster-replica-validity-factor", "0",
+                                  pick_port=free_cluster_port)
                       for _ in range(3 * (1 + replicas))]
-        for node in self.nodes:
-            node.port = free_cluster_port()
 
     @property
     def url(self) -> str:
@@ -260,8 +323,7 @@ class RedisSentinelSet:
 
     def __init__(self) -> None:
         self.primary = RedisServer()
-        self.replica = RedisServer("--replicaof", "127.0.0.1", "<primary>")
-        self.replica.args[-1] = str(self.primary.port)
+        self.replica = RedisServer("--replicaof", "127.0.0.1", "<primary>")  # its port once it listens
         self.sentinel = RedisServer()
         self.conf = self.sentinel.dir / "sentinel.conf"
 
@@ -271,6 +333,7 @@ class RedisSentinelSet:
 
     def start(self) -> None:
         self.primary.start()
+        self.replica.args[-1] = str(self.primary.port)
         self.replica.start()
         self.conf.write_text(
             f"sentinel monitor {self.master} 127.0.0.1 {self.primary.port} 1\n"
@@ -278,14 +341,12 @@ class RedisSentinelSet:
             f"sentinel failover-timeout {self.master} 10000\n"
         )
         self.sentinel.args = [str(self.conf), "--sentinel"]
-        # the config file comes first on the command line: start it by hand
-        self.sentinel.proc = subprocess.Popen(
-            [self.sentinel.binary, str(self.conf), "--sentinel", "--port", str(self.sentinel.port),
-             "--bind", "127.0.0.1", "--dir", str(self.sentinel.dir), "--protected-mode", "no",
-             "--logfile", str(self.sentinel.dir / "sentinel.log")],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
-        wait_for_port(self.sentinel.port, proc=self.sentinel.proc)
+        # the config file comes first on the command line
+        sentinel = self.sentinel
+        sentinel.launch(lambda: [sentinel.binary, str(self.conf), "--sentinel", "--port", str(sentinel.port),
+                                 "--bind", "127.0.0.1", "--dir", str(sentinel.dir), "--protected-mode", "no",
+                                 "--logfile", str(sentinel.dir / "sentinel.log")],
+                        sentinel.dir / "sentinel.log")
         _wait(lambda: "master_link_status:up" in self.replica.cli("INFO", "replication"), "a synced replica")
         _wait(lambda: "slaves=1" in self.sentinel.cli("INFO", "sentinel"), "a sentinel that sees the replica")
 
