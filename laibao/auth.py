@@ -39,7 +39,14 @@ from typing import Any, NoReturn, TypeVar
 from cachetools import TTLCache
 
 from laibao.config import BotConfig, Config
-from laibao.errors import AuthError, StoreError, UpstreamError, UpstreamTimeout, UpstreamTooLarge
+from laibao.errors import (
+    AuthUnavailable,
+    NotAuthorized,
+    StoreError,
+    UpstreamError,
+    UpstreamTimeout,
+    UpstreamTooLarge,
+)
 from laibao.numbers import ascii_digits
 from laibao.outbound import Outbound, Reply, parse_json
 from stores.tokens import EVERY_USER, TokenCache
@@ -80,23 +87,6 @@ class Credential:
     userid: str
     name: str = ""
     token: str = field(default="", repr=False)
-
-
-class NotAuthorized(AuthError):
-    """The user is unknown or disabled: they may not use this bot."""
-
-    def __init__(self, userid: str) -> None:
-        self.userid = userid
-        super().__init__(f"user {userid!r} is not authorised")
-
-
-class AuthUnavailable(AuthError):
-    """Sign-in could not be done now; ``kind`` says why (timeout, unreachable, status 500, ...)."""
-
-    def __init__(self, userid: str, kind: str) -> None:
-        self.userid = userid
-        self.kind = kind
-        super().__init__(f"sign-in for user {userid!r} failed: {kind}")
 
 
 @dataclass(frozen=True)

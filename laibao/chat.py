@@ -14,11 +14,9 @@ from urllib.parse import urlencode
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError
 
 from laibao.crypto import WeComCrypto
-from laibao.errors import LaibaoError
-
-
-class ChatError(LaibaoError):
-    """The running laibao answered something WeCom would not accept."""
+from laibao.errors import (
+    ChatError,
+)
 
 
 class WeComPlayer:

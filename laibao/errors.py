@@ -11,13 +11,25 @@
     │   └── DifyStreamError    malformed SSE, an `error` event, or EOF without a terminal event
     ├── StoreError             Redis / MySQL unavailable or misbehaving
     ├── AuthError              the user could not be authenticated
+    │   ├── NotAuthorized      unknown or disabled user: they may not use the bot
+    │   └── AuthUnavailable    sign-in could not be done now (timeout, unreachable, refused)
+    ├── MediaError             a media file could not be downloaded or used (names the host, never the URL)
+    │   ├── MediaTooLarge      more bytes than allowed (announced, or counted while streaming)
+    │   ├── MediaUnavailable   unreachable, timed out, an HTTP error (an expired WeCom URL), undecryptable
+    │   └── MediaUnsupported   a kind of file the Dify app does not accept
+    ├── ChatError              `laibao chat`: the running laibao answered what WeCom would not accept
     ├── UpstreamError          an outbound HTTP call failed below the application (laibao.outbound)
     │   ├── UpstreamRefused    the URL's host is not allowed, or it resolves to a private address
     │   ├── UpstreamTimeout    no connection in time ("connect"), or no whole answer in time ("total")
     │   ├── UpstreamTooLarge   the answer is larger than the call allows
     │   └── UpstreamUnreachable  refused, reset, DNS, TLS, a malformed HTTP answer
     └── LongConnectionError    the WeCom long connection is gone, or WeCom refused a frame
-        └── FrameRefused       a frame's ack carried a non-zero errcode
+        ├── FrameRefused       a frame's ack carried a non-zero errcode
+        └── NoHolder           no process holds the bot's connection (or took the request in time)
+
+    OwnershipLost              not an error but a signal: another process took the stream over, so
+                               this answer stops writing (outside the tree, so that no handler of
+                               LaibaoError swallows it)
 
 Third-party exceptions are mapped onto this tree at the boundary with ``raise ... from exc``.
 Messages are for operators and never contain secrets.
@@ -28,8 +40,35 @@ from __future__ import annotations
 # The root and the store error live at the bottom layer (stores never import laibao); same classes.
 from stores.errors import LaibaoError, StoreError
 
-__all__ = ["AuthError", "CallbackError", "ConfigError", "CryptoError", "DifyConnectionError", "DifyError",
-           "DifyHTTPError", "DifyStreamError", "DifyTimeoutError", "LaibaoError", "StoreError"]
+__all__ = [
+    "AuthError",
+    "AuthUnavailable",
+    "CallbackError",
+    "ChatError",
+    "ConfigError",
+    "CryptoError",
+    "DifyConnectionError",
+    "DifyError",
+    "DifyHTTPError",
+    "DifyStreamError",
+    "DifyTimeoutError",
+    "FrameRefused",
+    "LaibaoError",
+    "LongConnectionError",
+    "MediaError",
+    "MediaTooLarge",
+    "MediaUnavailable",
+    "MediaUnsupported",
+    "NoHolder",
+    "NotAuthorized",
+    "OwnershipLost",
+    "StoreError",
+    "UpstreamError",
+    "UpstreamRefused",
+    "UpstreamTimeout",
+    "UpstreamTooLarge",
+    "UpstreamUnreachable",
+]
 
 
 class ConfigError(LaibaoError):
@@ -144,3 +183,56 @@ class FrameRefused(LongConnectionError):
         self.cmd = cmd
         self.errcode = errcode
         super().__init__(f"WeCom refused {cmd}: errcode {errcode} {errmsg[:100]}".rstrip())
+
+
+class NotAuthorized(AuthError):
+    """The user is unknown or disabled: they may not use this bot."""
+
+    def __init__(self, userid: str) -> None:
+        self.userid = userid
+        super().__init__(f"user {userid!r} is not authorised")
+
+
+class AuthUnavailable(AuthError):
+    """Sign-in could not be done now; ``kind`` says why (timeout, unreachable, status 500, ...)."""
+
+    def __init__(self, userid: str, kind: str) -> None:
+        self.userid = userid
+        self.kind = kind
+        super().__init__(f"sign-in for user {userid!r} failed: {kind}")
+
+
+class MediaError(LaibaoError):
+    """A media file could not be downloaded or used."""
+
+
+class MediaTooLarge(MediaError):
+    """The file is larger than allowed; ``limit`` is the allowance in bytes."""
+
+    def __init__(self, message: str, limit: int) -> None:
+        self.limit = limit
+        super().__init__(message)
+
+
+class MediaUnavailable(MediaError):
+    """The file could not be fetched (unreachable, timeout, HTTP error, expired URL) or decrypted."""
+
+    def __init__(self, message: str, status: int = 0) -> None:
+        self.status = status
+        super().__init__(message)
+
+
+class MediaUnsupported(MediaError):
+    """The Dify app does not accept this kind of file."""
+
+
+class ChatError(LaibaoError):
+    """The running laibao answered something WeCom would not accept."""
+
+
+class NoHolder(LongConnectionError):
+    """No process holds the bot's connection (or it did not take the request in time)."""
+
+
+class OwnershipLost(Exception):
+    """Another process took the session over; this answer must stop writing."""

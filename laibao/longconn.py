@@ -24,7 +24,14 @@ from tornado.httpclient import HTTPClientError, HTTPRequest
 
 from laibao.config import BotConfig, Config
 from laibao.crypto import WeComCrypto, generate_aes_key
-from laibao.errors import CallbackError, FrameRefused, LaibaoError, LongConnectionError, StoreError
+from laibao.errors import (
+    CallbackError,
+    FrameRefused,
+    LaibaoError,
+    LongConnectionError,
+    NoHolder,
+    StoreError,
+)
 from laibao.push import Pusher, send_markdown
 from laibao.service import BotService
 from laibao.wecom import cap_utf8, parse_callback
@@ -496,10 +503,6 @@ class Holder:
                 await self.store.answer_send(rid, json.dumps({"errcode": errcode, "errmsg": errmsg}))
             except StoreError as exc:
                 log.warning("bot %s: send answered %d but the answer was not stored: %s", self.key, errcode, exc)
-
-
-class NoHolder(LongConnectionError):
-    """No process holds the bot's connection (or it did not take the request in time)."""
 
 
 class LongConnections:

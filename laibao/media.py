@@ -1,13 +1,8 @@
 """Media between WeCom and Dify: downloads with a hard size limit, file sniffing, images for ``msg_item``,
 the 20480-byte cut and the display of reasoning blocks.
 
-Downloads fail with one small tree (messages are for operators; they name the host, never the URL,
-whose query carries WeCom's or Dify's signatures):
-
-    MediaError (LaibaoError)
-    ├── MediaTooLarge     more bytes than allowed (announced by Content-Length, or counted while streaming)
-    ├── MediaUnavailable  unreachable, timed out, an HTTP error (an expired WeCom URL), undecryptable
-    └── MediaUnsupported  a kind of file the Dify app does not accept
+Downloads fail with ``MediaError`` and its kinds (``laibao.errors``); their messages are for operators
+and name the host, never the URL, whose query carries WeCom's or Dify's signatures.
 
 Everything else here is pure: no I/O, safe to call on every snapshot of a streaming answer.
 """
@@ -33,7 +28,10 @@ from laibao.crypto import WeComCrypto
 from laibao.errors import (
     CryptoError,
     DifyError,
-    LaibaoError,
+    MediaError,
+    MediaTooLarge,
+    MediaUnavailable,
+    MediaUnsupported,
     UpstreamError,
     UpstreamRefused,
     UpstreamTimeout,
@@ -51,30 +49,6 @@ _MB = 1024 * 1024
 
 # A fetch of Dify files as DifyClient.fetch does it: (url, max_bytes, timeout) -> (body, content type).
 Fetch = Callable[[str, int, float], Awaitable[tuple[bytes, str]]]
-
-
-class MediaError(LaibaoError):
-    """A media file could not be downloaded or used."""
-
-
-class MediaTooLarge(MediaError):
-    """The file is larger than allowed; ``limit`` is the allowance in bytes."""
-
-    def __init__(self, message: str, limit: int) -> None:
-        self.limit = limit
-        super().__init__(message)
-
-
-class MediaUnavailable(MediaError):
-    """The file could not be fetched (unreachable, timeout, HTTP error, expired URL) or decrypted."""
-
-    def __init__(self, message: str, status: int = 0) -> None:
-        self.status = status
-        super().__init__(message)
-
-
-class MediaUnsupported(MediaError):
-    """The Dify app does not accept this kind of file."""
 
 
 # ----------------------------------------------------------------------------------------- downloads

@@ -20,8 +20,12 @@ import pytest
 import redis.asyncio as aioredis
 import tornado.ioloop
 
-from laibao.auth import AuthService, AuthUnavailable, Credential, NotAuthorized, lookup, nest
+from laibao.auth import AuthService, Credential, lookup, nest
 from laibao.config import Config
+from laibao.errors import (
+    AuthUnavailable,
+    NotAuthorized,
+)
 from stores.tokens import MemoryTokenCache, RedisTokenCache
 from stores.users import MemoryUserStore, MySQLUserStore, User
 from tests.authstub import SECRET_KEY, Answer, AuthStub, bot, make_config

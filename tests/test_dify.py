@@ -19,8 +19,10 @@ from laibao.errors import (
     DifyHTTPError,
     DifyStreamError,
     DifyTimeoutError,
+    MediaTooLarge,
+    MediaUnavailable,
 )
-from laibao.media import MediaTooLarge, MediaUnavailable, file_ref
+from laibao.media import file_ref
 from laibao.outbound import Outbound
 from laibao.sse import DifyEvent, MessageDelta, MessageEnd, MessageFile, MessageReplace, Ping, WorkflowEvent
 from tests.conftest import make_outbound

@@ -26,11 +26,16 @@ from tornado.httpclient import AsyncHTTPClient
 from tornado.ioloop import IOLoop
 
 from laibao import texts
-from laibao.auth import AuthService, AuthUnavailable
+from laibao.auth import AuthService
 from laibao.config import Config
 from laibao.delivery import post_markdown
 from laibao.dify import DifyClient
-from laibao.errors import DifyError, DifyStreamError, UpstreamRefused
+from laibao.errors import (
+    AuthUnavailable,
+    DifyError,
+    DifyStreamError,
+    UpstreamRefused,
+)
 from laibao.outbound import HostAllowlist, Outbound, origin_entry
 from stores.tokens import MemoryTokenCache, RedisTokenCache
 from stores.users import MemoryUserStore, User

@@ -19,6 +19,11 @@ from hypothesis import strategies as st
 
 from laibao.crypto import WeComCrypto
 from laibao.dify import DifyClient
+from laibao.errors import (
+    MediaTooLarge,
+    MediaUnavailable,
+    MediaUnsupported,
+)
 from laibao.media import (
     BINARY,
     DOCX,
@@ -40,9 +45,6 @@ from laibao.media import (
     XLSX,
     ZIP,
     MediaKind,
-    MediaTooLarge,
-    MediaUnavailable,
-    MediaUnsupported,
     check_upload,
     download_wecom_media,
     image_item,

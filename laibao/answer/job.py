@@ -23,17 +23,24 @@ from laibao.answer.outbox import Outbox
 from laibao.answer.render import explain_failure, fit, render_answer
 from laibao.answer.retry import retrying
 from laibao.answer.tasks import AnswerTasks
-from laibao.answer.writer import Flusher, OwnershipLost, StreamWriter
-from laibao.auth import AuthUnavailable, Credential
+from laibao.answer.writer import Flusher, StreamWriter
+from laibao.auth import Credential
 from laibao.config import BotConfig, Config
 from laibao.crypto import WeComCrypto, media_item_crypto
 from laibao.delivery import post_markdown
 from laibao.dify import error_label
-from laibao.errors import AuthError, DifyError, DifyHTTPError, StoreError
-from laibao.media import (
-    IMAGE_MAX_BYTES,
+from laibao.errors import (
+    AuthError,
+    AuthUnavailable,
+    DifyError,
+    DifyHTTPError,
     MediaError,
     MediaUnavailable,
+    OwnershipLost,
+    StoreError,
+)
+from laibao.media import (
+    IMAGE_MAX_BYTES,
     check_upload,
     download_wecom_media,
     file_ref,

@@ -5,10 +5,16 @@ from __future__ import annotations
 import uuid
 
 from laibao import texts
-from laibao.auth import NotAuthorized
 from laibao.config import BotConfig
-from laibao.errors import AuthError, DifyHTTPError
-from laibao.media import MediaError, MediaTooLarge, MediaUnsupported, split_for_wecom, think_blocks
+from laibao.errors import (
+    AuthError,
+    DifyHTTPError,
+    MediaError,
+    MediaTooLarge,
+    MediaUnsupported,
+    NotAuthorized,
+)
+from laibao.media import split_for_wecom, think_blocks
 from laibao.wecom import MAX_CONTENT_BYTES
 
 

@@ -16,16 +16,15 @@ import time
 from collections.abc import Callable, Mapping
 
 from laibao.answer.retry import retrying
-from laibao.errors import StoreError
+from laibao.errors import (
+    OwnershipLost,
+    StoreError,
+)
 from stores.base import DONE, ChunkWrite, StreamStore
 
 log = logging.getLogger("laibao.answer")
 
 MAX_BACKOFF = 5.0  # seconds between commit attempts while the store is unreachable
-
-
-class OwnershipLost(Exception):
-    """Another process took the session over; this answer must stop writing."""
 
 
 class StreamWriter:
