@@ -42,7 +42,7 @@ from laibao.errors import (
     UpstreamTimeout,
     UpstreamTooLarge,
 )
-from laibao.media import fetch_media, outputs_text
+from laibao.media import fetch_media
 from laibao.outbound import Exchange, HostAllowlist, Outbound, origin_entry, parse_json
 from laibao.sse import (
     DifyEvent,
@@ -487,3 +487,26 @@ def _shorten(text: str) -> str:
 
 def _describe(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
+
+
+# ------------------------------------------------------------------------- workflow outputs
+
+def outputs_text(outputs: Mapping[str, Any]) -> str:
+    """A workflow's answer from its outputs: the first non-empty string, else compact JSON of the rest."""
+    for value in outputs.values():
+        if isinstance(value, str) and value:
+            return value
+    try:
+        data = {name: value for name, value in outputs.items() if not _is_file(value)}
+        if not data or all(value in (None, "", [], {}) for value in data.values()):
+            return ""
+        return json.dumps(data, ensure_ascii=False, separators=(",", ":"), default=str)
+    except RecursionError:  # outputs nested about as deep as Dify's JSON could be parsed: no answer in them
+        return ""
+
+
+def _is_file(value: Any) -> bool:
+    """Dify serialises workflow file outputs as objects tagged ``dify_model_identity``."""
+    if isinstance(value, list):
+        return bool(value) and all(_is_file(item) for item in value)
+    return isinstance(value, dict) and value.get("dify_model_identity") == "__dify__file__"

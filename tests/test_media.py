@@ -17,8 +17,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from laibao.answer.render import split_for_wecom, think_blocks
 from laibao.crypto import WeComCrypto
-from laibao.dify import DifyClient
+from laibao.dify import DifyClient, outputs_text
 from laibao.errors import (
     MediaTooLarge,
     MediaUnavailable,
@@ -49,10 +50,7 @@ from laibao.media import (
     download_wecom_media,
     image_item,
     image_links,
-    outputs_text,
     sniff,
-    split_for_wecom,
-    think_blocks,
 )
 from laibao.outbound import Outbound
 from tests.difystub import DETAILS_OPEN, DifyStub, default_parameters

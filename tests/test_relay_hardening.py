@@ -17,7 +17,7 @@ from tornado.ioloop import IOLoop
 from laibao import texts
 from laibao.answer.budget import ByteBudget
 from laibao.answer.job import CHECK_STEP, DELIVERABLE_BYTES, Transcript
-from laibao.media import think_blocks
+from laibao.answer.render import think_blocks
 from laibao.wecom import MAX_CONTENT_BYTES
 from stores.keys import Keys
 from tests.difystub import Script

@@ -20,7 +20,7 @@ from laibao import texts
 from laibao.answer.budget import ByteBudget
 from laibao.answer.difyapp import CHAT_MODES, DifyApp
 from laibao.answer.outbox import Outbox
-from laibao.answer.render import explain_failure, fit, render_answer
+from laibao.answer.render import explain_failure, fit, render_answer, think_blocks
 from laibao.answer.retry import retrying
 from laibao.answer.tasks import AnswerTasks
 from laibao.answer.writer import Flusher, StreamWriter
@@ -47,7 +47,6 @@ from laibao.media import (
     image_item,
     image_links,
     sniff,
-    think_blocks,
 )
 from laibao.metrics import Metrics
 from laibao.outbound import Outbound
