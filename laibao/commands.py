@@ -5,7 +5,6 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
 from laibao import texts
 from laibao.config import BotConfig
@@ -52,86 +51,14 @@ def help_text(bot: BotConfig) -> str:
     return DEFAULT_HELP.format(**first)
 
 
-def _quoted_text(quote: Any) -> str:
-    """The text of a quoted message (text, voice or the text items of a mixed message)."""
-    if not isinstance(quote, Mapping):
-        return ""
-    kind = quote.get("msgtype")
-    body = quote.get(kind) if isinstance(kind, str) else None
-    if not isinstance(body, Mapping):
-        return ""
-    if kind in ("text", "voice") and isinstance(body.get("content"), str):
-        return str(body["content"]).strip()
-    if kind == "mixed":
-        return " ".join(t for t, _ in _mixed_items(body)).strip()
-    return ""
-
-
-def _with_key(media: dict[str, str], body: Any) -> dict[str, str]:
-    """A media entry with the item's own ``aeskey`` (long-connection mode encrypts each item with its own)."""
-    key = body.get("aeskey") if isinstance(body, Mapping) else None
-    if isinstance(key, str) and key:
-        media["aeskey"] = key
-    return media
-
-
-def _mixed_media(body: Mapping[str, Any]) -> list[Mapping[str, str]]:
-    """The images of a mixed message as media entries, each with its own aeskey when it has one."""
-    items = body.get("msg_item")
-    media: list[Mapping[str, str]] = []
-    for item in items if isinstance(items, list) else []:
-        image = item.get("image") if isinstance(item, Mapping) and item.get("msgtype") == "image" else None
-        url = image.get("url") if isinstance(image, Mapping) else None
-        if isinstance(url, str) and url:
-            media.append(_with_key({"kind": "image", "url": url}, image))
-    return media
-
-
-def _mixed_items(body: Mapping[str, Any]) -> list[tuple[str, str]]:
-    """(text, image url) pairs of a mixed message's items; one side is always ""."""
-    items = body.get("msg_item")
-    out: list[tuple[str, str]] = []
-    if not isinstance(items, list):
-        return out
-    for item in items:
-        if not isinstance(item, Mapping):
-            continue
-        if item.get("msgtype") == "text" and isinstance(item.get("text"), Mapping):
-            content = item["text"].get("content")
-            if isinstance(content, str):
-                out.append((content, ""))
-        elif item.get("msgtype") == "image" and isinstance(item.get("image"), Mapping):
-            url = item["image"].get("url")
-            if isinstance(url, str) and url:
-                out.append(("", url))
-    return out
-
-
 def read_message(callback: Callback, bot: BotConfig) -> Inbound:
     """The query, command and media of a text, voice, mixed, image, file or video callback."""
-    raw = callback.raw
-    media: list[Mapping[str, str]] = []
-    if callback.msgtype == "mixed":
-        body = raw.get("mixed")
-        pairs = _mixed_items(body) if isinstance(body, Mapping) else []
-        text = " ".join(t for t, _ in pairs if t)
-        media = _mixed_media(body) if isinstance(body, Mapping) else []
-        if len(media) > MAX_MIXED_IMAGES:
-            return Inbound(text="", refusal=texts.TOO_MANY_IMAGES)
-    elif callback.msgtype in ("image", "file", "video"):
-        body = raw.get(callback.msgtype)
-        url = body.get("url") if isinstance(body, Mapping) else None
-        text = ""
-        if isinstance(url, str) and url:
-            media = [_with_key({"kind": callback.msgtype, "url": url}, body)]
-    else:
-        text = callback.text
-    if callback.is_group:
-        text = strip_mentions(text)
+    if len(callback.media) > MAX_MIXED_IMAGES:
+        return Inbound(text="", refusal=texts.TOO_MANY_IMAGES)
+    text = strip_mentions(callback.text) if callback.is_group else callback.text
     text = text.strip()
-    if not media and (command := command_of(text, bot)):
+    if not callback.media and (command := command_of(text, bot)):
         return Inbound(text=text, command=command)
-    quoted = _quoted_text(raw.get("quote"))
-    if quoted and text:
-        text = f"{text}\n\n（引用的消息：{quoted}）"
-    return Inbound(text=text, media=tuple(media))
+    if callback.quote and text:
+        text = f"{text}\n\n（引用的消息：{callback.quote}）"
+    return Inbound(text=text, media=callback.media)

@@ -25,7 +25,7 @@ from laibao.config import BotConfig, Config
 from laibao.dify import DifyClient
 from laibao.errors import AuthError, DifyError, LaibaoError, StoreError
 from laibao.metrics import Metrics
-from laibao.wecom import Callback, stream_reply, text_reply
+from laibao.wecom import Callback, Feedback, stream_reply, text_reply
 from stores.base import DONE, Snapshot, Stores, StreamSession
 from stores.keys import new_sid
 from stores.media_store import MediaHold
@@ -277,11 +277,8 @@ class BotService:
             if await self._admit(callback.userid) is False:
                 return text_reply(self.bot.denied_text)
             return text_reply(await self.welcome())
-        if callback.event_type == "feedback_event":
-            event = callback.raw.get("event")
-            feedback = event.get("feedback_event") if isinstance(event, Mapping) else None
-            if isinstance(feedback, Mapping):
-                self._rate(feedback, callback.userid, callback.chatid)
+        if callback.feedback is not None:
+            self._rate(callback.feedback, callback.userid, callback.chatid)
         return None
 
     def _may_rate(self, session: StreamSession, userid: str, chatid: str) -> bool:
@@ -307,9 +304,9 @@ class BotService:
             lines.extend(f"- {q.strip()}" for q in questions)
         return "\n".join(lines)
 
-    def _rate(self, feedback: Mapping[str, Any], userid: str, chatid: str) -> None:
+    def _rate(self, feedback: Feedback, userid: str, chatid: str) -> None:
         """Forward a rating in the background, after the ratings of the same stream that came before it."""
-        key = str(feedback.get("id"))
+        key = feedback.id
         previous = self._ratings.get(key)
         task = self.tasks.spawn(self._feedback_after(previous, feedback, userid, chatid), name="feedback")
         self._ratings[key] = task
@@ -320,22 +317,20 @@ class BotService:
 
         task.add_done_callback(forget)
 
-    async def _feedback_after(self, previous: asyncio.Task[None] | None, feedback: Mapping[str, Any],
+    async def _feedback_after(self, previous: asyncio.Task[None] | None, feedback: Feedback,
                               userid: str, chatid: str) -> None:
         if previous is not None:
             await asyncio.wait([previous])  # its outcome is its own: only the order matters here
         await self._feedback(feedback, userid, chatid)
 
-    async def _feedback(self, feedback: Mapping[str, Any], userid: str, chatid: str) -> None:
+    async def _feedback(self, feedback: Feedback, userid: str, chatid: str) -> None:
         """Forward a rating to Dify for the answered message (feedback id = our stream id).
 
         Only an allowed user may rate, and only an answer of theirs: their own, or in a group with one
         conversation per chat, any answer in that group.
         """
-        sid = feedback.get("id")
-        kind = feedback.get("type")
         try:
-            session = await self.streams.get(sid) if isinstance(sid, str) else None
+            session = await self.streams.get(feedback.id) if feedback.id else None
             if session is None or session.bot != self.bot.key or not session.message_id:
                 log.info("feedback for an unknown or unfinished stream ignored")
                 return
@@ -346,9 +341,9 @@ class BotService:
             if self.app.auth is not None and not await self.app.auth.decide(self.bot, userid):
                 log.warning("bot %s: feedback from %s, who may not use the bot, ignored", self.bot.key, userid)
                 return
-            rating = {1: "like", 2: "dislike"}.get(kind) if isinstance(kind, int) else None
-            reasons = [REASONS[r] for r in feedback.get("inaccurate_reason_list") or [] if r in REASONS]
-            text = str(feedback.get("content") or "").strip()
+            rating = {1: "like", 2: "dislike"}.get(feedback.type) if feedback.type is not None else None
+            reasons = [REASONS[r] for r in feedback.reasons if r in REASONS]
+            text = feedback.content.strip()
             content = "；".join([*reasons, text] if text else reasons) if rating == "dislike" else ""
             bearer = await self.app.bearer(session.user)
             user = self.app.dify_user(session.user, session.chat)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from laibao.errors import CallbackError
@@ -17,8 +17,18 @@ CHAT_TYPES = ("single", "group")
 
 
 @dataclass(frozen=True)
+class Feedback:
+    """A user's rating of an answer (``feedback_event``); its id is the feedback id laibao gave the stream."""
+
+    id: str
+    type: int | None = None  # 1 like, 2 dislike, 3 cancelled; None when WeCom sent none
+    reasons: tuple[int, ...] = ()  # inaccurate_reason_list
+    content: str = ""
+
+
+@dataclass(frozen=True)
 class Callback:
-    """One decrypted WeCom callback, reduced to what laibao acts on."""
+    """One decrypted WeCom callback, reduced to what laibao acts on: nothing reads the JSON after this."""
 
     msgtype: str
     msgid: str = ""
@@ -27,10 +37,12 @@ class Callback:
     chatid: str = ""
     userid: str = ""
     response_url: str = ""
-    text: str = ""  # text.content, or voice.content (already transcribed)
+    text: str = ""  # text.content, voice.content (already transcribed), or a mixed message's text items
+    media: tuple[Mapping[str, str], ...] = ()  # {"kind", "url"[, "aeskey"]}: the file, or a mixed message's images
+    quote: str = ""  # the text of the quoted message (text, voice, or a mixed message's text items)
     stream_id: str = ""  # msgtype "stream": the refresh poll's stream id
     event_type: str = ""  # msgtype "event": event.eventtype
-    raw: Mapping[str, Any] = field(default_factory=dict, repr=False)
+    feedback: Feedback | None = None  # event_type "feedback_event"
 
     @property
     def is_group(self) -> bool:
@@ -73,39 +85,53 @@ def _object(value: Any, where: str) -> Mapping[str, Any]:
     return value
 
 
-def _check_items(body: Mapping[str, Any], where: str) -> None:
-    """A mixed message's ``msg_item``: a list of text and image items with string content and URLs."""
+def _media(body: Mapping[str, Any], kind: str) -> list[Mapping[str, str]]:
+    """The file of a media body as a media entry (none without a URL), with the item's own ``aeskey`` when it
+    has one (long-connection mode encrypts each item with its own)."""
+    url = _str_at(body, "url", max_bytes=MAX_URL_BYTES)
+    if not url:
+        return []
+    entry = {"kind": kind, "url": url}
+    if key := _str_at(body, "aeskey", max_bytes=MAX_ID_BYTES):
+        entry["aeskey"] = key
+    return [entry]
+
+
+def _mixed(body: Mapping[str, Any], where: str) -> tuple[str, list[Mapping[str, str]]]:
+    """A mixed message's ``msg_item``, a list of text and image items: its text items joined, its images."""
     items = body.get("msg_item")
     if items is None:
-        return
+        return "", []
     if not isinstance(items, list):
         raise CallbackError(f"field {where}.msg_item is not a list")
+    texts: list[str] = []
+    images: list[Mapping[str, str]] = []
     for index, item in enumerate(items):
         at = f"{where}.msg_item[{index}]"
         item = _object(item, at)
         kind = _str_at(item, "msgtype", max_bytes=MAX_ID_BYTES)
         if kind == "text":
-            _str_at(_object(item.get("text"), at + ".text"), "content")
+            texts.append(_str_at(_object(item.get("text"), at + ".text"), "content"))
         elif kind == "image":
-            _str_at(_object(item.get("image"), at + ".image"), "url", max_bytes=MAX_URL_BYTES)
+            images += _media(_object(item.get("image"), at + ".image"), "image")
+    return " ".join(text for text in texts if text), images
 
 
-def _check_body(obj: Mapping[str, Any], msgtype: str, where: str) -> None:
-    """The types and lengths of one message body (``obj[msgtype]``) that laibao reads."""
+def _content(obj: Mapping[str, Any], msgtype: str, where: str) -> tuple[str, list[Mapping[str, str]]]:
+    """The text and the media of one message body (``obj[msgtype]``), types and lengths checked."""
     body = _object(obj.get(msgtype), f"{where}{msgtype}")
     if msgtype in ("text", "voice"):
-        _str_at(body, "content")
-    elif msgtype in ("image", "file", "video"):
-        _str_at(body, "url", max_bytes=MAX_URL_BYTES)
-    elif msgtype == "mixed":
-        _check_items(body, f"{where}mixed")
+        return _str_at(body, "content"), []
+    if msgtype in ("image", "file", "video"):
+        return "", _media(body, msgtype)
+    if msgtype == "mixed":
+        return _mixed(body, f"{where}mixed")
+    return "", []
 
 
-def _check_feedback(obj: Mapping[str, Any]) -> None:
+def _feedback(obj: Mapping[str, Any]) -> Feedback:
     """A feedback_event: id and content strings, type and reasons integers."""
     feedback = _object(_object(obj.get("event"), "event").get("feedback_event"), "event.feedback_event")
-    _str_at(feedback, "id", max_bytes=MAX_FEEDBACK_ID_BYTES)
-    _str_at(feedback, "content", max_bytes=MAX_CONTENT_BYTES)
     kind = feedback.get("type")
     if kind is not None and (not isinstance(kind, int) or isinstance(kind, bool)):
         raise CallbackError("field event.feedback_event.type is not an integer")
@@ -114,31 +140,26 @@ def _check_feedback(obj: Mapping[str, Any]) -> None:
         not isinstance(reasons, list) or not all(isinstance(r, int) and not isinstance(r, bool) for r in reasons)
     ):
         raise CallbackError("field event.feedback_event.inaccurate_reason_list is not a list of integers")
+    return Feedback(id=_str_at(feedback, "id", max_bytes=MAX_FEEDBACK_ID_BYTES), type=kind,
+                    reasons=tuple(reasons or ()), content=_str_at(feedback, "content", max_bytes=MAX_CONTENT_BYTES))
 
 
 def parse_callback(obj: Mapping[str, Any]) -> Callback:
     """Turn decrypted callback JSON into a Callback; CallbackError when it is not a usable message.
 
-    Everything laibao later reads from ``raw`` is checked here, once: types, lengths, valid Unicode.
+    The one place the JSON is read: types, lengths and valid Unicode are checked as each field is taken.
     """
     msgtype = _str_at(obj, "msgtype", max_bytes=MAX_ID_BYTES)
     if not msgtype:
         raise CallbackError("callback has no msgtype")
-    _check_body(obj, msgtype, "")
+    text, media = _content(obj, msgtype, "")
     quote = _object(obj.get("quote"), "quote")
-    if quote:
-        _check_body(quote, _str_at(quote, "msgtype", max_bytes=MAX_ID_BYTES), "quote.")
-    text = ""
-    if msgtype == "text":
-        text = _str_at(obj, "text", "content")
-    elif msgtype == "voice":
-        text = _str_at(obj, "voice", "content")
+    quoted = _content(quote, _str_at(quote, "msgtype", max_bytes=MAX_ID_BYTES), "quote.")[0] if quote else ""
     stream_id = _str_at(obj, "stream", "id", max_bytes=MAX_ID_BYTES) if msgtype == "stream" else ""
     if msgtype == "stream" and not stream_id:
         raise CallbackError("stream refresh without stream.id")
     event_type = _str_at(obj, "event", "eventtype", max_bytes=MAX_ID_BYTES) if msgtype == "event" else ""
-    if event_type == "feedback_event":
-        _check_feedback(obj)
+    feedback = _feedback(obj) if event_type == "feedback_event" else None
     chattype = _str_at(obj, "chattype", max_bytes=MAX_ID_BYTES) or "single"
     if chattype not in CHAT_TYPES:
         raise CallbackError("field chattype is neither single nor group")
@@ -151,9 +172,11 @@ def parse_callback(obj: Mapping[str, Any]) -> Callback:
         userid=_str_at(obj, "from", "userid", max_bytes=MAX_USERID_BYTES),
         response_url=_str_at(obj, "response_url", max_bytes=MAX_URL_BYTES),
         text=text,
+        media=tuple(media),
+        quote=quoted.strip(),
         stream_id=stream_id,
         event_type=event_type,
-        raw=obj,
+        feedback=feedback,
     )
     if msgtype not in ("stream", "event") and not callback.msgid:
         raise CallbackError(f"{msgtype} message without msgid")

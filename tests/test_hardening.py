@@ -366,6 +366,8 @@ async def test_signed_but_malformed_callbacks_are_refused_without_state(svc: Ser
     for plaintext in (lone_surrogate, json.dumps(message("你好", user="u" * 65)).encode(),
                       json.dumps(message("你好", chattype="group\nx")).encode(),
                       json.dumps(message("", msgtype="mixed", mixed={"msg_item": {"a": 1}})).encode(),
+                      json.dumps(message("", msgtype="image", image={"url": "https://x/y", "aeskey": 5})).encode(),
+                      json.dumps(message("这个呢", quote={"msgtype": "text", "text": {"content": ["x"]}})).encode(),
                       json.dumps(feedback).encode()):
         response = await svc.wecom.raw(*sealed_raw(plaintext))
         assert response.code == 400, plaintext[:80]
