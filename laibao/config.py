@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args, get_origin, get_type_hints
 from urllib.parse import urlsplit
 
 from laibao.crypto import WeComCrypto
@@ -36,29 +36,31 @@ DEFAULT_WS_URL = "wss://openws.work.weixin.qq.com"
 class BotConfig:
     """One WeCom bot and the Dify app behind it."""
 
-    name: str  # "" for the environment's bot, served at /wecom/callback
-    token: str = field(repr=False)
-    aes_key: str = field(repr=False)
+    name: str = field(metadata={"env": None})  # "" for the environment's bot, served at /wecom/callback
+    token: str = field(repr=False, metadata={"env": "WECOM_TOKEN"})
+    aes_key: str = field(repr=False, metadata={"env": "WECOM_AES_KEY"})
     dify_url: str
     dify_key: str = field(repr=False)
-    receive_id: str = ""
+    receive_id: str = field(default="", metadata={"env": "WECOM_RECEIVE_ID"})
     placeholder: str = DEFAULT_PLACEHOLDER
     conversation_ttl: float = 7 * 24 * 3600.0
-    auth: str = "open"  # open | allowlist | token
-    auth_forward: str = "header"  # token mode: Bearer header, or a Dify inputs variable
+    auth: Literal["open", "allowlist", "token"] = field(default="open", metadata={"env": "AUTH_MODE"})
+    auth_forward: Literal["header", "input"] = "header"  # token mode: Bearer header, or a Dify inputs variable
     auth_input_name: str = "token"
     denied_text: str = DEFAULT_DENIED
-    group_scope: str = "user"  # a Dify conversation per user in a group, or one per group ("chat")
-    think: str = "show"  # <think> reasoning shown through WeCom's collapsible rendering, or hidden
+    group_scope: Literal["user", "chat"] = "user"  # a Dify conversation per user in a group, or one per group
+    think: Literal["show", "hide"] = "show"  # <think> reasoning shown through WeCom's collapsible rendering, or hidden
     welcome: str = ""  # enter_chat text; "" = Dify's opening statement and suggested questions
     new_words: tuple[str, ...] = ("/new", "新对话", "新会话")
     stop_words: tuple[str, ...] = ("/stop", "停止", "停")
     help_words: tuple[str, ...] = ("/help", "帮助")
     help_text: str = ""
-    mode: str = "callback"  # callback: WeCom posts to us; websocket: one process holds a long connection
-    bot_id: str = ""  # websocket mode: the bot's BotID and Secret instead of Token and EncodingAESKey
-    secret: str = field(default="", repr=False)
-    ws_url: str = DEFAULT_WS_URL
+    # callback: WeCom posts to us; websocket: one process holds a long connection
+    mode: Literal["callback", "websocket"] = field(default="callback", metadata={"env": "WECOM_MODE"})
+    # websocket mode: the bot's BotID and Secret instead of Token and EncodingAESKey
+    bot_id: str = field(default="", metadata={"env": "WECOM_BOT_ID"})
+    secret: str = field(default="", repr=False, metadata={"env": "WECOM_BOT_SECRET"})
+    ws_url: str = field(default=DEFAULT_WS_URL, metadata={"env": "WECOM_WS_URL"})
 
     @property
     def websocket(self) -> bool:
@@ -80,7 +82,7 @@ class BotConfig:
 class Config:
     """Everything the service needs, validated."""
 
-    bots: tuple[BotConfig, ...]
+    bots: tuple[BotConfig, ...] = field(metadata={"setting": False})  # from the environment and [[bots]]
     host: str = "0.0.0.0"  # noqa: S104 - a service behind a load balancer listens on all interfaces
     port: int = 8000
     node_id: str = ""
@@ -96,7 +98,7 @@ class Config:
     redis_pool_size: int = 50  # connections per process; a burst waits for one instead of failing
     redis_pool_timeout: float = 5.0  # seconds to wait for a free connection before the call fails
     max_relays: int = 400  # live answers per process; past it a message waits, unowned, for room elsewhere
-    event_loop: str = "uvloop"  # uvloop | asyncio
+    event_loop: Literal["uvloop", "asyncio"] = "uvloop"
     lease: float = 15.0
     stream_ttl: float = 1800.0
     msgid_ttl: float = 3600.0
@@ -205,117 +207,27 @@ _KINDS: dict[Parser, str] = {
     _words: "a list of words (comma-separated)",
 }
 
-# Settings of Config read from the environment / TOML top level, with their parsers.
-_GLOBAL_PARSERS: dict[str, Parser] = {
-    "host": _str,
-    "port": _int,
-    "node_id": _str,
-    "redis_url": _str,
-    "redis_prefix": _str,
-    "redis_sentinel_password": _str,
-    "mysql_url": _str,
-    "log_level": _str,
-    "log_content": _bool,
-    "dify_connect_timeout": _float,
-    "dify_idle_timeout": _float,
-    "dify_total_timeout": _float,
-    "http_max_clients": _int,
-    "redis_pool_size": _int,
-    "redis_pool_timeout": _float,
-    "max_relays": _int,
-    "event_loop": _choice("uvloop", "asyncio"),
-    "lease": _float,
-    "stream_ttl": _float,
-    "msgid_ttl": _float,
-    "stream_window": _float,
-    "window_margin": _float,
-    "flush_interval": _float,
-    "flush_bytes": _int,
-    "max_body_bytes": _int,
-    "idle_connection_timeout": _float,
-    "body_timeout": _float,
-    "max_clock_skew": _float,
-    "shutdown_grace": _float,
-    "shutdown_delay": _float,
-    "auth_url": _str,
-    "auth_timeout": _float,
-    "auth_admit_timeout": _float,
-    "auth_code_field": _str,
-    "auth_secret_field": _str,
-    "auth_token_field": _str,
-    "auth_ttl_field": _str,
-    "auth_default_ttl": _float,
-    "auth_max_ttl": _float,
-    "secret_key": _str,
-    "token_cache_ttl": _float,
-    "token_cache_size": _int,
-    "media_hold_seconds": _float,
-    "media_max_bytes": _int,
-    "response_url_retries": _int,
-    "turn_wait": _float,
-    "max_answer_bytes": _int,
-    "media_deadline": _float,
-    "media_memory_bytes": _int,
-    "delivery_sweep": _float,
-    "wecom_media_hosts": _words,
-    "response_url_hosts": _words,
-    "dify_file_hosts": _words,
-    "ws_push_interval": _float,
-    "ws_lease": _float,
-    "ws_ping_interval": _float,
-    "ws_displaced_backoff": _float,
-    "api_key": _str,
-}
-_BOT_PARSERS: dict[str, Parser] = {
-    "name": _str,
-    "token": _str,
-    "aes_key": _str,
-    "dify_url": _str,
-    "dify_key": _str,
-    "receive_id": _str,
-    "placeholder": _str,
-    "conversation_ttl": _float,
-    "auth": _choice("open", "allowlist", "token"),
-    "auth_forward": _choice("header", "input"),
-    "auth_input_name": _str,
-    "denied_text": _str,
-    "group_scope": _choice("user", "chat"),
-    "think": _choice("show", "hide"),
-    "welcome": _str,
-    "new_words": _words,
-    "stop_words": _words,
-    "help_words": _words,
-    "help_text": _str,
-    "mode": _choice("callback", "websocket"),
-    "bot_id": _str,
-    "secret": _str,
-    "ws_url": _str,
-}
+def _parser(annotation: Any) -> Parser:
+    """The parser of a setting, from its type: str, int, float, bool, a tuple of words, or a Literal choice."""
+    if get_origin(annotation) is Literal:
+        return _choice(*get_args(annotation))
+    if get_origin(annotation) is tuple:
+        return _words
+    return {str: _str, int: _int, float: _float, bool: _bool}[annotation]
+
+
+def _parsers(cls: type) -> dict[str, Parser]:
+    """Every setting of a config dataclass, in declaration order, with the parser its type implies."""
+    hints = get_type_hints(cls)
+    return {f.name: _parser(hints[f.name]) for f in fields(cls) if f.metadata.get("setting", True)}
+
+
+# Each setting is declared once, as a field: its type gives its parser; a bot field's environment name
+# is LAIBAO_ + the field's name in capitals unless its metadata names another ("env"; None: none).
+_GLOBAL_PARSERS = _parsers(Config)  # the environment / TOML top level
+_BOT_PARSERS = _parsers(BotConfig)  # a [[bots]] table
 # The environment's bot: LAIBAO_WECOM_TOKEN etc. map onto BotConfig fields.
-_ENV_BOT = {
-    "WECOM_TOKEN": "token",
-    "WECOM_AES_KEY": "aes_key",
-    "DIFY_URL": "dify_url",
-    "DIFY_KEY": "dify_key",
-    "WECOM_RECEIVE_ID": "receive_id",
-    "PLACEHOLDER": "placeholder",
-    "CONVERSATION_TTL": "conversation_ttl",
-    "AUTH_MODE": "auth",
-    "AUTH_FORWARD": "auth_forward",
-    "AUTH_INPUT_NAME": "auth_input_name",
-    "DENIED_TEXT": "denied_text",
-    "GROUP_SCOPE": "group_scope",
-    "THINK": "think",
-    "WELCOME": "welcome",
-    "NEW_WORDS": "new_words",
-    "STOP_WORDS": "stop_words",
-    "HELP_WORDS": "help_words",
-    "HELP_TEXT": "help_text",
-    "WECOM_MODE": "mode",
-    "WECOM_BOT_ID": "bot_id",
-    "WECOM_BOT_SECRET": "secret",
-    "WECOM_WS_URL": "ws_url",
-}
+_ENV_BOT = {env: f.name for f in fields(BotConfig) if (env := f.metadata.get("env", f.name.upper()))}
 _BOT_REQUIRED = ("token", "aes_key", "dify_url", "dify_key")
 _WS_BOT_REQUIRED = ("bot_id", "secret", "dify_url", "dify_key")
 
