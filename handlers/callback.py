@@ -10,9 +10,9 @@ import tornado.web
 
 from handlers.base import BaseHandler
 from laibao.errors import CallbackError, CryptoError
-from laibao.numbers import ascii_digits
 from laibao.runtime import BotRuntime
 from laibao.wecom import parse_callback
+from stores.numbers import ascii_digits
 
 log = logging.getLogger("laibao.callback")
 

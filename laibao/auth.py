@@ -47,8 +47,8 @@ from laibao.errors import (
     UpstreamTimeout,
     UpstreamTooLarge,
 )
-from laibao.numbers import ascii_digits
 from laibao.outbound import Outbound, Reply, parse_json
+from stores.numbers import ascii_digits
 from stores.tokens import EVERY_USER, TokenCache
 from stores.users import User, UserStore
 

@@ -19,10 +19,10 @@ from urllib.parse import urlsplit
 
 from laibao.crypto import WeComCrypto
 from laibao.errors import ConfigError, CryptoError
-from laibao.numbers import ascii_digits
 from laibao.outbound import HostAllowlist
 from stores.connection import parse_url as parse_redis_url
 from stores.keys import Keys
+from stores.numbers import ascii_digits
 from stores.users import secret_key_bytes
 
 ENV_PREFIX = "LAIBAO_"

@@ -45,7 +45,7 @@ from laibao.errors import (
     UpstreamTooLarge,
     UpstreamUnreachable,
 )
-from laibao.numbers import ascii_digits
+from stores.numbers import ascii_digits
 
 if TYPE_CHECKING:
     from laibao.config import Config

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from laibao.errors import DifyStreamError
-from laibao.numbers import ascii_digits
+from stores.numbers import ascii_digits
 
 # One frame larger than this is refused: Dify's frames are a few KB; a runaway stream must not eat memory.
 MAX_FRAME_BYTES = 4 * 1024 * 1024

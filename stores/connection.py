@@ -26,6 +26,7 @@ from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from stores.errors import StoreError, redis_errors
+from stores.numbers import ascii_digits
 
 PLAIN, SENTINEL, CLUSTER = "redis", "sentinel", "cluster"
 SCHEMES = {"redis": PLAIN, "rediss": PLAIN, "unix": PLAIN, "redis+sentinel": SENTINEL, "rediss+sentinel": SENTINEL,
@@ -70,8 +71,7 @@ def parse_url(url: str) -> RedisTarget:
     hosts: list[tuple[str, int]] = []
     for item in hostlist.split(","):
         host, colon, port = item.strip().rpartition(":")
-        valid_port = port.isascii() and port.isdigit() and len(port) <= 5 and 0 < int(port) < 65536
-        if not colon or not host or not valid_port:
+        if not colon or not host or not ascii_digits(port, 5) or not 0 < int(port) < 65536:
             raise ValueError(f"each node must be host:port, not {item.strip()!r}")
         hosts.append((host.strip("[]"), int(port)))
     path = [part for part in parts.path.split("/") if part]
@@ -81,7 +81,7 @@ def parse_url(url: str) -> RedisTarget:
             raise ValueError("a sentinel URL ends in /master_name or /master_name/db")
         master = unquote(path[0])
         if len(path) == 2:
-            if not (path[1].isascii() and path[1].isdigit() and len(path[1]) <= 5):
+            if not ascii_digits(path[1], 5):
                 raise ValueError(f"the database must be a number, not {path[1]!r}")
             db = int(path[1])
     elif path:

@@ -1,4 +1,6 @@
-"""Numbers in text from outside (headers, Dify's JSON, settings): ASCII digits only, and not too many."""
+"""Numbers in text from outside (headers, Dify's JSON, settings, Redis URLs): ASCII digits only, and not
+too many. At the bottom layer, so that ``stores`` (which imports nothing from ``laibao``) and ``laibao``
+share the one check."""
 
 from __future__ import annotations
 
