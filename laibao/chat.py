@@ -14,9 +14,7 @@ from urllib.parse import urlencode
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError
 
 from laibao.crypto import WeComCrypto
-from laibao.errors import (
-    ChatError,
-)
+from laibao.errors import ChatError
 
 
 class WeComPlayer:

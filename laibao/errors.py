@@ -143,48 +143,6 @@ class AuthError(LaibaoError):
     """The user could not be authenticated."""
 
 
-class UpstreamError(LaibaoError):
-    """An outbound HTTP call failed below the application; callers map it onto their own errors."""
-
-
-class UpstreamRefused(UpstreamError):
-    """The URL may not be fetched: scheme, host not on the allowlist, or a private address."""
-
-
-class UpstreamTimeout(UpstreamError):
-    """No connection within the connect timeout ("connect"), or no whole answer in time ("total")."""
-
-    def __init__(self, phase: str, seconds: float) -> None:
-        self.phase = phase
-        self.seconds = seconds
-        super().__init__(f"{phase} timeout after {seconds:g} s")
-
-
-class UpstreamTooLarge(UpstreamError):
-    """The answer is larger than ``limit`` bytes."""
-
-    def __init__(self, message: str, limit: int) -> None:
-        self.limit = limit
-        super().__init__(message)
-
-
-class UpstreamUnreachable(UpstreamError):
-    """Connection refused or reset, DNS or TLS failure, or an answer that is not HTTP."""
-
-
-class LongConnectionError(LaibaoError):
-    """The WeCom long connection is closed, timed out, or refused a frame."""
-
-
-class FrameRefused(LongConnectionError):
-    """WeCom acknowledged a frame with a non-zero errcode."""
-
-    def __init__(self, cmd: str, errcode: int, errmsg: str = "") -> None:
-        self.cmd = cmd
-        self.errcode = errcode
-        super().__init__(f"WeCom refused {cmd}: errcode {errcode} {errmsg[:100]}".rstrip())
-
-
 class NotAuthorized(AuthError):
     """The user is unknown or disabled: they may not use this bot."""
 
@@ -228,6 +186,48 @@ class MediaUnsupported(MediaError):
 
 class ChatError(LaibaoError):
     """The running laibao answered something WeCom would not accept."""
+
+
+class UpstreamError(LaibaoError):
+    """An outbound HTTP call failed below the application; callers map it onto their own errors."""
+
+
+class UpstreamRefused(UpstreamError):
+    """The URL may not be fetched: scheme, host not on the allowlist, or a private address."""
+
+
+class UpstreamTimeout(UpstreamError):
+    """No connection within the connect timeout ("connect"), or no whole answer in time ("total")."""
+
+    def __init__(self, phase: str, seconds: float) -> None:
+        self.phase = phase
+        self.seconds = seconds
+        super().__init__(f"{phase} timeout after {seconds:g} s")
+
+
+class UpstreamTooLarge(UpstreamError):
+    """The answer is larger than ``limit`` bytes."""
+
+    def __init__(self, message: str, limit: int) -> None:
+        self.limit = limit
+        super().__init__(message)
+
+
+class UpstreamUnreachable(UpstreamError):
+    """Connection refused or reset, DNS or TLS failure, or an answer that is not HTTP."""
+
+
+class LongConnectionError(LaibaoError):
+    """The WeCom long connection is closed, timed out, or refused a frame."""
+
+
+class FrameRefused(LongConnectionError):
+    """WeCom acknowledged a frame with a non-zero errcode."""
+
+    def __init__(self, cmd: str, errcode: int, errmsg: str = "") -> None:
+        self.cmd = cmd
+        self.errcode = errcode
+        super().__init__(f"WeCom refused {cmd}: errcode {errcode} {errmsg[:100]}".rstrip())
 
 
 class NoHolder(LongConnectionError):

@@ -22,10 +22,7 @@ import tornado.ioloop
 
 from laibao.auth import AuthService, Credential, lookup, nest
 from laibao.config import Config
-from laibao.errors import (
-    AuthUnavailable,
-    NotAuthorized,
-)
+from laibao.errors import AuthUnavailable, NotAuthorized
 from stores.tokens import MemoryTokenCache, RedisTokenCache
 from stores.users import MemoryUserStore, MySQLUserStore, User
 from tests.authstub import SECRET_KEY, Answer, AuthStub, bot, make_config

@@ -17,9 +17,7 @@ from tornado.ioloop import IOLoop
 from laibao import texts
 from laibao.answer.writer import Flusher, StreamWriter
 from laibao.app import GC_MIDDLE_THRESHOLD, GC_YOUNG_THRESHOLD
-from laibao.errors import (
-    OwnershipLost,
-)
+from laibao.errors import OwnershipLost
 from stores import ChunkWrite, MemoryStores, RedisStores, StreamSession
 from tests.difystub import Script
 from tests.harness import Cluster, Service, eventually, follow, message, running_cluster, running_service

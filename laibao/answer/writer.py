@@ -16,10 +16,7 @@ import time
 from collections.abc import Callable, Mapping
 
 from laibao.answer.retry import retrying
-from laibao.errors import (
-    OwnershipLost,
-    StoreError,
-)
+from laibao.errors import OwnershipLost, StoreError
 from stores.base import DONE, ChunkWrite, StreamStore
 
 log = logging.getLogger("laibao.answer")
