@@ -107,12 +107,12 @@ def spawn_redis(command: list[str], port: int, log: Path, timeout: float = 15.0)
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        said = _log_since(log, offset)
+        exited = proc.poll() is not None
+        said = _log_since(log, offset)  # read after the poll: an exited server's last words are in it
         if LISTENING in said:
             wait_for_port(port, timeout=timeout, proc=proc)
             return proc
-        if proc.poll() is not None:
-            said = _log_since(log, offset)
+        if exited:
             if "Address already in use" in said:
                 raise PortTaken(f"port {port} was taken before redis-server could listen on it")
             raise RuntimeError(f"redis-server exited with {proc.returncode}: {said[-1000:]}")
